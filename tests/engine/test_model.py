@@ -1,0 +1,106 @@
+"""The aligned model on real packaged towers: shapes, norms, bundles, speech branches."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine.config import ModelConfig, SpeechHeadConfig, SpeechTowerConfig
+from engine.errors import ModelError, QueryError
+from engine.media import SAMPLE_RATE, load_audio, load_image
+from engine.model import AlignedModel, build_heads, list_models, load_model
+
+FIXTURES = Path(__file__).parents[1] / "fixtures"
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        name="tiny", speech=SpeechTowerConfig(branch="fused", head=SpeechHeadConfig())
+    )
+    out = tmp_path_factory.mktemp("bundle")
+    AlignedModel(cfg, build_heads(cfg), fingerprint="x").save(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def model(bundle) -> AlignedModel:
+    return load_model(bundle)
+
+
+def _unit_rows(x: np.ndarray, n: int, d: int) -> None:
+    assert x.shape == (n, d) and x.dtype == np.float32
+    assert np.all(np.isfinite(x))
+    np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
+
+
+def test_text_shapes_and_norms(model):
+    vecs = model.embed_text(["a dog on a beach", "a red car"])
+    _unit_rows(vecs, 2, model.dim)
+    # the frozen MiniLM hub: related sentences are closer than unrelated ones
+    near, far = model.embed_text(["a puppy running on the sand", "tax law amendments"])
+    assert vecs[0] @ near > vecs[0] @ far
+
+
+def test_empty_text_rejected(model):
+    with pytest.raises(QueryError, match="non-empty"):
+        model.embed_text(["  "])
+
+
+def test_image_shapes_and_norms(model):
+    img = load_image(FIXTURES / "beach.png")
+    _unit_rows(model.embed_images([img, img.rotate(90, expand=True)]), 2, model.dim)
+
+
+def test_bundle_round_trip_identical(bundle, model, tmp_path):
+    again = load_model(bundle)
+    img = [load_image(FIXTURES / "beach.png")]
+    np.testing.assert_array_equal(model.embed_images(img), again.embed_images(img))
+    assert again.fingerprint == model.fingerprint
+    model.save(tmp_path)
+    assert load_model(tmp_path).fingerprint == model.fingerprint
+
+
+def test_speech_transcript_and_branches(model):
+    clip = load_audio(FIXTURES / "dog_on_beach.wav")
+    out = {b: model.embed_speech([clip], branch=b) for b in ("cascaded", "parallel", "fused")}
+    assert "dog" in out["cascaded"].transcripts[0].lower()
+    for emb in out.values():
+        _unit_rows(emb.vectors, 1, model.dim)
+    np.testing.assert_allclose(
+        out["cascaded"].vectors, model.embed_text([out["cascaded"].transcripts[0]]), atol=1e-5
+    )
+
+
+def test_silent_and_tiny_clips_are_finite(model):
+    emb = model.embed_speech([np.zeros(SAMPLE_RATE, np.float32), np.zeros(10, np.float32)])
+    assert emb.transcripts == ["", ""]
+    assert np.all(np.isfinite(emb.vectors))
+
+
+def test_long_clip_is_windowed(model):
+    clip = load_audio(FIXTURES / "dog_on_beach.wav")
+    long = np.concatenate([clip, np.zeros(31 * SAMPLE_RATE, np.float32), clip])
+    emb = model.embed_speech([long], branch="cascaded")
+    assert emb.transcripts[0].lower().count("dog") == 2
+    _unit_rows(emb.vectors, 1, model.dim)
+
+
+def test_weights_must_match_config(bundle, tmp_path):
+    import json
+    import shutil
+
+    shutil.copytree(bundle, tmp_path / "b")
+    raw = json.loads((tmp_path / "b" / "config.json").read_text())
+    raw["image"]["head"]["hidden_dim"] = 7
+    (tmp_path / "b" / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ModelError, match="do not match config.json"):
+        load_model(tmp_path / "b")
+
+
+def test_unknown_model_lists_available():
+    with pytest.raises(ModelError, match="available"):
+        load_model("no-such-model")
+    assert isinstance(list_models(), list)

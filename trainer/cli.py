@@ -1,0 +1,208 @@
+"""Trainer commands of the `xmodal` CLI: `eval`, `train` and `speech-corpus`.
+
+Each command is a thin wrapper over a Python function with the same parameter names. They
+register through the `xmodal.commands` entry points (setup.cfg), and `engine.cli` imports this
+module for every `xmodal` call, so nothing heavy (numpy, torch, the model) is imported here at
+module level: `xmodal --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import click
+
+from engine.config import SPEECH_BRANCHES
+
+log = logging.getLogger(__name__)
+
+SETTINGS = {"show_default": True}
+MAX_LISTED_PROBLEMS = 20  # manifest problems printed one by one; the rest are counted
+MANIFEST = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
+def _warn_problems(manifest) -> None:
+    problems = manifest.problems
+    for problem in problems[:MAX_LISTED_PROBLEMS]:
+        click.echo(f"warning: {manifest.path}: {problem}", err=True)
+    if len(problems) > MAX_LISTED_PROBLEMS:
+        click.echo(f"warning: ... and {len(problems) - MAX_LISTED_PROBLEMS} more", err=True)
+    if problems:
+        click.echo(
+            f"warning: {len(problems)} problem(s) in {manifest.path}; evaluating the "
+            f"{len(manifest.rows)} usable row(s)",
+            err=True,
+        )
+
+
+@click.command("eval", context_settings=SETTINGS)
+@click.argument("manifest", type=MANIFEST)
+@click.option(
+    "--model",
+    default="default",
+    help="Model bundle: a name (data/models, $XMODAL_MODELS) or a path.",
+)
+@click.option(
+    "--json",
+    "json_out",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    default=None,
+    help="Also write the results as JSON to this file.",
+)
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), default=32, help="Items encoded per batch."
+)
+@click.option(
+    "--speech-branch",
+    "branches",
+    type=click.Choice(SPEECH_BRANCHES),
+    multiple=True,
+    help="Score these speech branches side by side (repeatable); default: the model's own branch.",
+)
+@click.option(
+    "--check-media/--no-check-media",
+    default=True,
+    help="Decode every file before encoding, so a corrupt one is reported and skipped.",
+)
+def eval_command(
+    manifest: Path,
+    model: str,
+    json_out: Path | None,
+    batch_size: int,
+    branches: tuple[str, ...],
+    check_media: bool,
+) -> None:
+    """Recall@1/5/10 of MODEL on MANIFEST in every direction its columns allow.
+
+    MANIFEST is a TSV with header image, caption and optionally audio (paths relative to it).
+    """
+    from engine.model import load_model
+    from trainer.evaluate import evaluate, format_table
+    from trainer.manifest import read_manifest
+
+    rows = read_manifest(manifest, check_media=check_media)
+    _warn_problems(rows)
+    embedder = load_model(model)
+    results = evaluate(rows, embedder, batch_size=batch_size, branches=branches, progress=True)
+    click.echo(f"{embedder.name} on {manifest}")
+    click.echo(format_table(results))
+    if json_out is not None:
+        json_out.write_text(json.dumps(results, indent=2) + "\n")
+        click.echo(f"wrote {json_out}", err=True)
+
+
+@click.command("train", context_settings=SETTINGS)
+@click.argument("manifest", type=MANIFEST)
+@click.option("--dev", type=MANIFEST, default=None, help="Manifest evaluated after each epoch.")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("runs/default"),
+    help="Folder for checkpoints and the finished model bundle.",
+)
+@click.option(
+    "--speech-manifest",
+    type=MANIFEST,
+    default=None,
+    help="Manifest with an audio column to train the parallel speech head on.",
+)
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where frozen-backbone features are cached; default: under the user cache folder.",
+)
+@click.option(
+    "--epochs", type=click.IntRange(min=1), default=10, help="Passes over the training set."
+)
+@click.option("--batch-size", type=click.IntRange(min=2), default=256, help="Pairs per step.")
+@click.option(
+    "--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, help="Peak learning rate."
+)
+@click.option(
+    "--temperature",
+    type=click.FloatRange(min=0, min_open=True),
+    default=0.05,
+    help="InfoNCE temperature τ.",
+)
+@click.option("--seed", type=int, default=0, help="Seeds data order, initialization and dropout.")
+@click.option(
+    "--resume/--no-resume", default=True, help="Continue from the last checkpoint in --out."
+)
+def train(
+    manifest: Path,
+    dev: Path | None,
+    out_dir: Path,
+    speech_manifest: Path | None,
+    cache_dir: Path | None,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    temperature: float,
+    seed: int,
+    resume: bool,
+) -> None:
+    """Align the image (and speech) heads to the text hub on MANIFEST; write a model bundle."""
+    from trainer.train import main
+
+    main(
+        manifest,
+        dev=dev,
+        out_dir=out_dir,
+        speech_manifest=speech_manifest,
+        cache_dir=cache_dir,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        temperature=temperature,
+        seed=seed,
+        resume=resume,
+    )
+
+
+@click.command("speech-corpus", context_settings=SETTINGS)
+@click.argument("manifest", type=MANIFEST)
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--seed", type=int, default=0, help="Seeds each row's voice, speed, pitch and noise.")
+@click.option(
+    "--voice",
+    "voices",
+    multiple=True,
+    help="ENGINE or ENGINE:VOICE to draw from, repeatable: espeak-ng[:LANG+VARIANT], "
+    "flite[:kal16|awb|rms], festival[:kal_diphone|ked_diphone]. Default: every allowed voice.",
+)
+@click.option(
+    "--limit", type=click.IntRange(min=1), default=None, help="Voice only the first N rows."
+)
+@click.option("--one-per-image", is_flag=True, help="Voice only the first caption of each image.")
+@click.option(
+    "--workers", type=click.IntRange(min=1), default=2, help="Parallel synthesis processes."
+)
+def speech_corpus(
+    manifest: Path,
+    out_dir: Path,
+    seed: int,
+    voices: tuple[str, ...],
+    limit: int | None,
+    one_per_image: bool,
+    workers: int,
+) -> None:
+    """Voice the captions of MANIFEST into OUT_DIR (clips/ and manifest.tsv); resumable."""
+    from trainer.speech_corpus import main
+
+    report = main(
+        manifest,
+        out_dir,
+        seed=seed,
+        voices=list(voices) or None,
+        limit=limit,
+        one_per_image=one_per_image,
+        workers=workers,
+    )
+    click.echo(
+        f"{report.manifest}: {report.clips} clips ({report.written} new, {report.skipped} "
+        f"already there, {report.failed} failed); voices: {report.voices}"
+    )

@@ -1,0 +1,142 @@
+"""Frozen-backbone features, computed once and cached on disk so training reruns are cheap.
+
+A cache file is named by a hash of what went into it (the list of inputs, the backbone, the
+augmentation view), so a changed manifest or backbone never reads stale features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+from engine.errors import MediaError
+from engine.media import load_image
+
+log = logging.getLogger(__name__)
+
+IMAGE_VIEWS = ("orig", "flip")  # train-time augmentation views of each photo
+
+
+def cache_key(kind: str, items: Sequence[str], **params: object) -> str:
+    h = hashlib.sha256(json.dumps([kind, list(items), params], sort_keys=True).encode())
+    return f"{kind}-{h.hexdigest()[:16]}"
+
+
+def _cached(path: Path, compute: Callable[[], np.ndarray]) -> np.ndarray:
+    if path.exists():
+        return np.load(path)
+    arr = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
+    np.save(tmp, arr)
+    os.replace(tmp, path)
+    return arr
+
+
+def _view(img: Image.Image, view: str) -> Image.Image:
+    if view == "orig":
+        return img
+    if view == "flip":
+        return ImageOps.mirror(img)
+    raise ValueError(f"unknown view {view!r}; available: {IMAGE_VIEWS}")
+
+
+def image_features(
+    paths: Sequence[str], cache_dir: Path, *, view: str = "orig", batch_size: int = 32
+) -> np.ndarray:
+    """`(n, 2560)` float16 pooled EfficientNet-Lite0 features of each image, cached.
+
+    An unreadable image gets a zero row and a warning, so one bad file does not stop training.
+    """
+    key = cache_key("image", paths, backbone="efficientnet-lite0", view=view, size=224)
+
+    def compute() -> np.ndarray:
+        from engine.vision import ImageBackbone, preprocess
+
+        backbone = ImageBackbone()
+        out = np.zeros((len(paths), backbone.out_dim), dtype=np.float16)
+        with torch.inference_mode():
+            for start in tqdm(range(0, len(paths), batch_size), desc=f"image features ({view})"):
+                imgs, rows = [], []
+                for i, p in enumerate(paths[start : start + batch_size], start):
+                    try:
+                        imgs.append(_view(load_image(p), view))
+                        rows.append(i)
+                    except MediaError as exc:
+                        log.warning("skipping %s", exc)
+                if imgs:
+                    out[rows] = backbone(preprocess(imgs, size=224)).numpy().astype(np.float16)
+        return out
+
+    return _cached(cache_dir / f"{key}.npy", compute)
+
+
+def text_embeddings(texts: Sequence[str], cache_dir: Path, *, tower: str = "minilm") -> np.ndarray:
+    """`(n, 384)` float32 L2-normalized frozen text-tower embeddings, cached."""
+    key = cache_key("text", texts, tower=tower)
+
+    def compute() -> np.ndarray:
+        from engine.text import load_text_tower
+
+        model = load_text_tower(tower)
+        chunks = []
+        step = 1024
+        for start in tqdm(range(0, len(texts), step), desc=f"text embeddings ({tower})"):
+            chunks.append(model.encode(list(texts[start : start + step])))
+        return np.concatenate(chunks) if chunks else np.zeros((0, model.dim), np.float32)
+
+    return _cached(cache_dir / f"{key}.npy", compute)
+
+
+def speech_states(
+    audio_paths: Sequence[str],
+    cache_dir: Path,
+    *,
+    whisper: Callable[[], object],
+    batch_size: int = 16,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Whisper encoder states of each clip, cached: `(total, 512)` float16 rows and `(n + 1,)`
+    offsets, clip i owning rows `offsets[i]:offsets[i + 1]` (only its valid states).
+
+    `whisper` is called once, on a cache miss, to get an `engine.speech.Whisper`. Clips are
+    encoded in order of length, so a batch pads little. An unreadable clip keeps one zero row.
+    """
+    from engine.media import load_audio
+
+    key = cache_key("speech", audio_paths, encoder="whisper-base-ct2-int8", min_frames=1000)
+    states_path, offsets_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.offsets.npy"
+    if states_path.exists() and offsets_path.exists():
+        return np.load(states_path, mmap_mode="r"), np.load(offsets_path)
+    model = whisper()
+    clips: list[np.ndarray] = []
+    for p in tqdm(audio_paths, desc="decoding speech"):
+        try:
+            clips.append(load_audio(p))
+        except MediaError as exc:
+            log.warning("skipping %s", exc)
+            clips.append(np.zeros(0, np.float32))
+    per_clip: list[np.ndarray] = [np.zeros((1, 512), np.float16)] * len(clips)
+    order = np.argsort([len(c) for c in clips])
+    for start in tqdm(range(0, len(order), batch_size), desc="whisper encoder states"):
+        idx = order[start : start + batch_size]
+        enc = model.encode([clips[i] for i in idx])
+        for row, i in enumerate(idx):
+            if clips[i].size:
+                per_clip[i] = enc.states[row, : max(1, enc.lengths[row])].astype(np.float16)
+    offsets = np.concatenate([[0], np.cumsum([len(s) for s in per_clip])]).astype(np.int64)
+    states = np.concatenate(per_clip)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    for path, arr in ((states_path, states), (offsets_path, offsets)):
+        tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
+        np.save(tmp, arr)
+        os.replace(tmp, path)
+    return states, offsets

@@ -1,0 +1,365 @@
+"""Training the aligned model around the frozen text hub, on cached frozen-backbone features.
+
+Stage 1 aligns the image head (and an optional residual text adapter) to the text tower with
+symmetric InfoNCE. Stage 2 distills the parallel speech head from the text side on spoken
+captions: `α·InfoNCE + β·(‖f_s − f_t‖² + λ·KL)`, the teacher frozen. A slice of the training
+images is held out to pick the best epoch, so the dev split is only ever measured.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from engine.config import (
+    HeadConfig,
+    ImageTowerConfig,
+    ModelConfig,
+    SpeechHeadConfig,
+    SpeechTowerConfig,
+    TextTowerConfig,
+)
+from engine.errors import XmodalError
+from engine.heads import lengths_to_mask
+from engine.model import AlignedModel, build_heads, bundle_fingerprint
+from engine.speech import cache_root
+from trainer.evaluate import recall_at_k
+from trainer.features import image_features, speech_states, text_embeddings
+from trainer.losses import DistillLoss, info_nce
+from trainer.manifest import read_manifest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyperparameters of one training run; saved beside the bundle as train_config.json."""
+
+    epochs: int = 3  # passes over the training captions for the image head
+    batch_size: int = 256  # caption–image pairs per step
+    lr: float = 1e-3  # peak learning rate (one-cycle schedule)
+    weight_decay: float = 0.05  # AdamW weight decay
+    temperature: float = 0.05  # initial InfoNCE temperature τ (learned afterwards)
+    hidden_dim: int = 2048  # image head width
+    dropout: float = 0.5  # image head dropout
+    text_adapter: bool = True  # train a residual adapter on the text side too
+    val_images: int = 300  # training images held out to pick the best epoch
+    speech_epochs: int = 15  # passes over the spoken captions for the speech head
+    speech_batch_size: int = 128  # clips per step
+    speech_lr: float = 5e-4  # peak learning rate of the speech head
+    alpha: float = 1.0  # weight of the contrastive term in the distillation loss
+    beta: float = 1.0  # weight of the KD (alignment) term
+    lam: float = 1.0  # λ, weight of the KL inside the alignment term
+    fuse_weight: float = 0.3  # share of the parallel branch in the fused speech vector
+    seed: int = 0  # seeds data order, initialisation and dropout
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _one_cycle(opt: torch.optim.Optimizer, lr: float, steps: int):
+    return torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=max(steps, 1), pct_start=0.1)
+
+
+class _Standardize(torch.nn.Module):
+    """Feature standardization folded into the image head's first layer at save time."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def fold_standardization(head: torch.nn.Module, std: _Standardize) -> None:
+    """Rewrite the first linear layer so that head(x) == head_before(standardize(x))."""
+    first = head.net[0]
+    with torch.no_grad():
+        w = first.weight / std.std
+        first.bias -= (w * std.mean).sum(1)
+        first.weight.copy_(w)
+
+
+# -- image stage --------------------------------------------------------------------------------
+
+
+@dataclass
+class ImageData:
+    images: list[str]
+    captions: list[str]
+    caption_image: torch.Tensor  # (n_captions,) index into images
+    image_feats: torch.Tensor  # (views, n_images, 2560)
+    text_vecs: torch.Tensor  # (n_captions, 384)
+
+
+def load_image_data(manifest_path: Path, cache_dir: Path, *, views: tuple[str, ...]) -> ImageData:
+    manifest = read_manifest(manifest_path)
+    for problem in manifest.problems[:20]:
+        log.warning("%s: %s", manifest_path, problem)
+    images = [str(p) for p in manifest.images]
+    index = {p: i for i, p in enumerate(images)}
+    captions = [row.caption for row in manifest.rows]
+    feats = np.stack([image_features(images, cache_dir, view=v) for v in views]).astype(np.float32)
+    return ImageData(
+        images=images,
+        captions=captions,
+        caption_image=torch.tensor([index[str(row.image)] for row in manifest.rows]),
+        image_feats=torch.from_numpy(feats),
+        text_vecs=torch.from_numpy(text_embeddings(captions, cache_dir)),
+    )
+
+
+def image_recall(model_fns, data: ImageData, image_ids: list[int]) -> dict[str, dict]:
+    """text→image and image→text recall among `image_ids` (the captions of those images)."""
+    img_fn, txt_fn = model_fns
+    pos = {img: k for k, img in enumerate(image_ids)}
+    caps = [c for c in range(len(data.captions)) if int(data.caption_image[c]) in pos]
+    with torch.no_grad():
+        zi = img_fn(data.image_feats[0, image_ids]).numpy()
+        zt = txt_fn(data.text_vecs[caps]).numpy()
+    cap_img = [pos[int(data.caption_image[c])] for c in caps]
+    t2i = recall_at_k(zt, zi, [{i} for i in cap_img])
+    i2t_rel = [set() for _ in image_ids]
+    for k, i in enumerate(cap_img):
+        i2t_rel[i].add(k)
+    i2t = recall_at_k(zi, zt, i2t_rel)
+    return {"text->image": t2i, "image->text": i2t}
+
+
+def train_image_stage(data: ImageData, cfg: TrainConfig, model_cfg: ModelConfig, out_dir: Path):
+    heads = build_heads(model_cfg)
+    image_head, text_head = heads["image"], heads.get("text")
+    feats = data.image_feats
+    std = _Standardize(feats[0].mean(0), feats[0].std(0) + 1e-3)
+    rng = np.random.default_rng(cfg.seed)
+    n_images = feats.shape[1]
+    val_ids = sorted(
+        rng.choice(n_images, size=min(cfg.val_images, n_images // 5), replace=False).tolist()
+    )
+    val_set = set(val_ids)
+    train_caps = torch.tensor(
+        [c for c in range(len(data.captions)) if int(data.caption_image[c]) not in val_set]
+    )
+    log_scale = torch.nn.Parameter(torch.tensor(math.log(1 / cfg.temperature)))
+    params = list(image_head.parameters()) + [log_scale]
+    params += list(text_head.parameters()) if text_head is not None else []
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = len(train_caps) // cfg.batch_size
+    sched = _one_cycle(opt, cfg.lr, cfg.epochs * steps_per_epoch)
+
+    def img_fn(x):
+        return F.normalize(image_head(std(x)), dim=-1)
+
+    def txt_fn(t):
+        return F.normalize(text_head(t) if text_head is not None else t, dim=-1)
+
+    best, best_score, history = None, -1.0, []
+    for epoch in range(cfg.epochs):
+        image_head.train()
+        text_head is not None and text_head.train()
+        perm = train_caps[torch.randperm(len(train_caps))]
+        bar = tqdm(range(steps_per_epoch), desc=f"image head epoch {epoch + 1}/{cfg.epochs}")
+        for b in bar:
+            caps = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+            imgs = data.caption_image[caps]
+            view = torch.randint(0, feats.shape[0], (len(caps),))
+            terms = info_nce(
+                txt_fn(data.text_vecs[caps]), img_fn(feats[view, imgs]),
+                temperature=1 / log_scale.exp().clamp(max=100), group_ids=imgs,
+            )  # fmt: skip
+            opt.zero_grad()
+            terms["loss"].backward()
+            opt.step()
+            sched.step()
+            bar.set_postfix(loss=f"{terms['loss'].item():.3f}")
+        image_head.eval()
+        text_head is not None and text_head.eval()
+        val = image_recall((img_fn, txt_fn), data, val_ids)
+        score = val["text->image"]["R@1"] + val["image->text"]["R@1"]
+        history.append({"epoch": epoch + 1, "val": val, "temperature": float(1 / log_scale.exp())})
+        log.info("epoch %d held-out val: t→i R@1 %.1f, i→t R@1 %.1f", epoch + 1,
+                 val["text->image"]["R@1"], val["image->text"]["R@1"])  # fmt: skip
+        if score > best_score:
+            best_score = score
+            best = {k: {n: v.clone() for n, v in h.state_dict().items()} for k, h in heads.items()}
+    for k, h in heads.items():
+        h.load_state_dict(best[k])
+        h.eval()
+    fold_standardization(image_head, std)
+    return heads, history
+
+
+# -- speech stage -------------------------------------------------------------------------------
+
+
+def read_speech_pairs(path: Path) -> tuple[list[str], list[str]]:
+    """(audio paths, captions) of a TSV with `audio` and `caption` columns; `image` optional."""
+    folder = path.parent
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        if not {"audio", "caption"} <= set(reader.fieldnames or ()):
+            raise XmodalError(f"{path}: a speech manifest needs the columns 'audio' and 'caption'")
+        rows = [(r["audio"], r["caption"]) for r in reader if r.get("audio") and r.get("caption")]
+    audios = [str((folder / a).resolve()) for a, _ in rows]
+    return audios, [c for _, c in rows]
+
+
+def train_speech_stage(
+    audios: list[str], captions: list[str], model: AlignedModel, cfg: TrainConfig, cache_dir: Path
+) -> list[dict]:
+    """Distill `model.heads["speech"]` from the model's own text vectors of the captions."""
+    states, offsets = speech_states(audios, cache_dir, whisper=lambda: model.whisper)
+    teacher = torch.from_numpy(model.embed_text(captions))
+    head = model.heads["speech"]
+    head.train().requires_grad_(True)
+    loss_fn = DistillLoss(cfg.alpha, cfg.beta, temperature=cfg.temperature, lam=cfg.lam)
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.speech_lr, weight_decay=0.01)
+    steps_per_epoch = max(1, len(audios) // cfg.speech_batch_size)
+    sched = _one_cycle(opt, cfg.speech_lr, cfg.speech_epochs * steps_per_epoch)
+    history = []
+    for epoch in range(cfg.speech_epochs):
+        perm = np.random.permutation(len(audios))
+        total = 0.0
+        bar = tqdm(
+            range(steps_per_epoch), desc=f"speech head epoch {epoch + 1}/{cfg.speech_epochs}"
+        )
+        for b in bar:
+            idx = perm[b * cfg.speech_batch_size : (b + 1) * cfg.speech_batch_size]
+            x, lens = _pad_states(states, offsets, idx)
+            student = head(x, lengths_to_mask(lens, x.shape[1]))
+            groups = [captions[i] for i in idx]
+            terms = loss_fn(student, teacher[idx], group_ids=groups)
+            opt.zero_grad()
+            terms["loss"].backward()
+            opt.step()
+            sched.step()
+            total += terms["loss"].item()
+            bar.set_postfix(loss=f"{terms['loss'].item():.3f}")
+        history.append({"epoch": epoch + 1, "loss": total / steps_per_epoch})
+    head.eval().requires_grad_(False)
+    return history
+
+
+def _pad_states(
+    states: np.ndarray, offsets: np.ndarray, idx: np.ndarray
+) -> tuple[torch.Tensor, torch.Tensor]:
+    lens = np.array([offsets[i + 1] - offsets[i] for i in idx])
+    x = np.zeros((len(idx), max(int(lens.max()), 1), states.shape[1]), dtype=np.float32)
+    for row, i in enumerate(idx):
+        x[row, : lens[row]] = states[offsets[i] : offsets[i + 1]]
+    return torch.from_numpy(x), torch.from_numpy(lens)
+
+
+# -- entry point --------------------------------------------------------------------------------
+
+
+def model_config(cfg: TrainConfig, *, name: str, with_speech: bool) -> ModelConfig:
+    text_head = HeadConfig(
+        in_dim=384, out_dim=384, hidden_dim=1024, layers=2, dropout=0.1, residual=True
+    )
+    return ModelConfig(
+        name=name,
+        text=TextTowerConfig(head=text_head if cfg.text_adapter else None),
+        image=ImageTowerConfig(
+            head=HeadConfig(
+                in_dim=2560, out_dim=384, hidden_dim=cfg.hidden_dim, dropout=cfg.dropout
+            )
+        ),
+        speech=SpeechTowerConfig(
+            branch="fused" if with_speech else "cascaded",
+            fuse_weight=cfg.fuse_weight,
+            head=SpeechHeadConfig() if with_speech else None,
+        ),
+    )
+
+
+def main(
+    manifest: Path,
+    *,
+    out_dir: Path,
+    dev: Path | None = None,
+    speech_manifest: Path | None = None,
+    extra_speech: tuple[Path, ...] = (),
+    cache_dir: Path | None = None,
+    name: str = "xmodal",
+    **overrides,
+) -> Path:
+    """Train on `manifest` (and spoken captions), write a bundle to `out_dir`, return its path.
+
+    `overrides` set `TrainConfig` fields (e.g. `epochs=3`). With `dev`, the finished model is
+    evaluated there and the table is written to `out_dir/dev_eval.json`.
+    """
+    cfg = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
+    seed_everything(cfg.seed)
+    cache_dir = Path(cache_dir) if cache_dir else cache_root() / "features"
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with_speech = speech_manifest is not None or bool(extra_speech)
+    mcfg = model_config(cfg, name=name, with_speech=with_speech)
+    data = load_image_data(Path(manifest), cache_dir, views=("orig", "flip"))
+    heads, history = train_image_stage(data, cfg, mcfg, out_dir)
+    if with_speech:
+        heads["speech"] = build_heads(mcfg)["speech"]
+    model = AlignedModel(mcfg, heads, fingerprint="training")
+    speech_history: list[dict] = []
+    if with_speech:
+        audios, captions = [], []
+        for path in ([speech_manifest] if speech_manifest else []) + list(extra_speech):
+            a, c = read_speech_pairs(Path(path))
+            audios += a
+            captions += c
+        speech_history = train_speech_stage(audios, captions, model, cfg, cache_dir)
+    model.save(out_dir)
+    (out_dir / "train_config.json").write_text(
+        json.dumps(
+            {
+                "config": dataclasses.asdict(cfg),
+                "image_history": history,
+                "speech_history": speech_history,
+            },
+            indent=2,
+        )
+        + "\n"  # fmt: skip
+    )
+    log.info("wrote %s (fingerprint %s)", out_dir, bundle_fingerprint(out_dir))
+    if dev is not None:
+        from trainer.evaluate import format_table
+
+        results = evaluate_bundle(out_dir, Path(dev), cache_dir)
+        (out_dir / "dev_eval.json").write_text(json.dumps(results, indent=2) + "\n")
+        log.info("dev:\n%s", format_table(results))
+    return out_dir
+
+
+def evaluate_bundle(bundle: Path, dev: Path, cache_dir: Path) -> dict:
+    """Image–text recall of a bundle on a manifest, through cached backbone features."""
+    from engine.model import load_model
+    from trainer.evaluate import build_eval_set, evaluate
+
+    model = load_model(bundle)
+    manifest = read_manifest(dev)
+    es = build_eval_set(manifest)
+    feats = image_features([str(p) for p in es.images], cache_dir, view="orig")
+    text = model.embed_text(list(es.texts))
+    return evaluate(
+        manifest,
+        model,
+        text_vectors=text,
+        image_vectors=model.embed_image_features(feats.astype(np.float32)),
+    )
