@@ -44,9 +44,7 @@ def main(verbose: int) -> None:
 INDEX_DIR = click.Path(exists=True, file_okay=False, path_type=str)
 MEDIA_FILE = click.Path(exists=True, dir_okay=False, path_type=str)
 INDEX_HELP = "Index directory (made by `xmodal index`)."
-MODEL_HELP = (
-    "Query model: a model name, a bundle directory, or module:attr of an Embedder."
-)
+MODEL_HELP = "Query model: a model name, a bundle directory, or module:attr of an Embedder."
 
 
 def _to_modalities(_ctx: click.Context, _param: click.Parameter, value: str | None):

@@ -95,7 +95,7 @@ def eval_command(
 
 @click.command("train", context_settings=SETTINGS)
 @click.argument("manifest", type=MANIFEST)
-@click.option("--dev", type=MANIFEST, default=None, help="Manifest evaluated after each epoch.")
+@click.option("--dev", type=MANIFEST, default=None, help="Manifest the finished model is evaluated on (text↔image, from cached features).")
 @click.option(
     "--out",
     "out_dir",
@@ -105,9 +105,11 @@ def eval_command(
 )
 @click.option(
     "--speech-manifest",
+    "speech_manifests",
     type=MANIFEST,
-    default=None,
-    help="Manifest with an audio column to train the parallel speech head on.",
+    multiple=True,
+    help="TSV with `audio` and `caption` columns to train the parallel speech head on; "
+    "repeatable (synthesized captions, real recordings). None: a cascaded-only model.",
 )
 @click.option(
     "--cache-dir",
@@ -116,7 +118,7 @@ def eval_command(
     help="Where frozen-backbone features are cached; default: under the user cache folder.",
 )
 @click.option(
-    "--epochs", type=click.IntRange(min=1), default=10, help="Passes over the training set."
+    "--epochs", type=click.IntRange(min=1), default=4, help="Passes over the training captions."
 )
 @click.option("--batch-size", type=click.IntRange(min=2), default=256, help="Pairs per step.")
 @click.option(
@@ -128,6 +130,13 @@ def eval_command(
     default=0.05,
     help="InfoNCE temperature τ.",
 )
+@click.option(
+    "--speech-epochs",
+    type=click.IntRange(min=1),
+    default=15,
+    help="Passes over the spoken captions.",
+)
+@click.option("--name", default="xmodal", help="Model name recorded in the bundle.")
 @click.option("--seed", type=int, default=0, help="Seeds data order, initialization and dropout.")
 @click.option(
     "--resume/--no-resume", default=True, help="Continue from the last checkpoint in --out."
@@ -136,12 +145,14 @@ def train(
     manifest: Path,
     dev: Path | None,
     out_dir: Path,
-    speech_manifest: Path | None,
+    speech_manifests: tuple[Path, ...],
     cache_dir: Path | None,
     epochs: int,
     batch_size: int,
     lr: float,
     temperature: float,
+    speech_epochs: int,
+    name: str,
     seed: int,
     resume: bool,
 ) -> None:
@@ -152,12 +163,14 @@ def train(
         manifest,
         dev=dev,
         out_dir=out_dir,
-        speech_manifest=speech_manifest,
+        speech_manifests=speech_manifests,
         cache_dir=cache_dir,
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,
         temperature=temperature,
+        speech_epochs=speech_epochs,
+        name=name,
         seed=seed,
         resume=resume,
     )

@@ -32,7 +32,7 @@ from engine.config import (
 )
 from engine.errors import XmodalError
 from engine.heads import lengths_to_mask
-from engine.model import AlignedModel, build_heads, bundle_fingerprint
+from engine.model import AlignedModel, build_heads, bundle_fingerprint, load_model
 from engine.speech import cache_root
 from trainer.evaluate import recall_at_k
 from trainer.features import image_features, speech_states, text_embeddings
@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 class TrainConfig:
     """Hyperparameters of one training run; saved beside the bundle as train_config.json."""
 
-    epochs: int = 3  # passes over the training captions for the image head
+    epochs: int = 4  # passes over the training captions for the image head
     batch_size: int = 256  # caption–image pairs per step
     lr: float = 1e-3  # peak learning rate (one-cycle schedule)
     weight_decay: float = 0.05  # AdamW weight decay
@@ -192,7 +192,7 @@ def train_image_stage(data: ImageData, cfg: TrainConfig, model_cfg: ModelConfig,
         text_head is not None and text_head.eval()
         val = image_recall((img_fn, txt_fn), data, val_ids)
         score = val["text->image"]["R@1"] + val["image->text"]["R@1"]
-        history.append({"epoch": epoch + 1, "val": val, "temperature": float(1 / log_scale.exp())})
+        history.append({"epoch": epoch + 1, "val": val, "temperature": 1 / log_scale.exp().item()})
         log.info("epoch %d held-out val: t→i R@1 %.1f, i→t R@1 %.1f", epoch + 1,
                  val["text->image"]["R@1"], val["image->text"]["R@1"])  # fmt: skip
         if score > best_score:
@@ -294,33 +294,45 @@ def main(
     *,
     out_dir: Path,
     dev: Path | None = None,
-    speech_manifest: Path | None = None,
-    extra_speech: tuple[Path, ...] = (),
+    speech_manifests: tuple[Path, ...] = (),
     cache_dir: Path | None = None,
     name: str = "xmodal",
+    resume: bool = True,
     **overrides,
 ) -> Path:
     """Train on `manifest` (and spoken captions), write a bundle to `out_dir`, return its path.
 
+    `speech_manifests` are TSVs with `audio` and `caption` columns (synthesized captions, real
+    recordings) for the parallel speech head; without any, the model is cascaded-only.
     `overrides` set `TrainConfig` fields (e.g. `epochs=3`). With `dev`, the finished model is
-    evaluated there and the table is written to `out_dir/dev_eval.json`.
+    evaluated there and the table is written to `out_dir/dev_eval.json`. With `resume`, a
+    finished image stage in `out_dir/image_stage` is reused (the features are cached anyway).
     """
     cfg = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
     seed_everything(cfg.seed)
     cache_dir = Path(cache_dir) if cache_dir else cache_root() / "features"
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with_speech = speech_manifest is not None or bool(extra_speech)
+    with_speech = bool(speech_manifests)
     mcfg = model_config(cfg, name=name, with_speech=with_speech)
-    data = load_image_data(Path(manifest), cache_dir, views=("orig", "flip"))
-    heads, history = train_image_stage(data, cfg, mcfg, out_dir)
+    stage_dir = out_dir / "image_stage"
+    if resume and (stage_dir / "heads.safetensors").exists():
+        log.info("resuming: image stage loaded from %s", stage_dir)
+        heads = dict(load_model(stage_dir).heads)
+        history = json.loads((stage_dir / "history.json").read_text())
+    else:
+        data = load_image_data(Path(manifest), cache_dir, views=("orig", "flip"))
+        heads, history = train_image_stage(data, cfg, mcfg, out_dir)
+        stage_cfg = dataclasses.replace(mcfg, speech=SpeechTowerConfig())
+        AlignedModel(stage_cfg, heads, fingerprint="stage").save(stage_dir)
+        (stage_dir / "history.json").write_text(json.dumps(history, indent=2) + "\n")
     if with_speech:
         heads["speech"] = build_heads(mcfg)["speech"]
     model = AlignedModel(mcfg, heads, fingerprint="training")
     speech_history: list[dict] = []
     if with_speech:
         audios, captions = [], []
-        for path in ([speech_manifest] if speech_manifest else []) + list(extra_speech):
+        for path in speech_manifests:
             a, c = read_speech_pairs(Path(path))
             audios += a
             captions += c
@@ -349,7 +361,6 @@ def main(
 
 def evaluate_bundle(bundle: Path, dev: Path, cache_dir: Path) -> dict:
     """Image–text recall of a bundle on a manifest, through cached backbone features."""
-    from engine.model import load_model
     from trainer.evaluate import build_eval_set, evaluate
 
     model = load_model(bundle)

@@ -1,0 +1,53 @@
+"""Encoding segments into vectors through an `Embedder`, in batches."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from engine.embedder import Embedder
+
+BATCH_SIZE = 32  # segments per embedder call
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Vectors for a list of segments of one modality."""
+
+    vectors: np.ndarray  # (n, dim) float32, L2-normalized
+    transcripts: list[str] | None  # speech only: what was heard in each segment
+
+
+class Mapper:
+    """Calls the embedder of one modality in batches of `batch_size`."""
+
+    def __init__(self, embedder: Embedder, *, batch_size: int = BATCH_SIZE) -> None:
+        self.embedder = embedder
+        self.batch_size = batch_size
+
+    def __call__(self, modality: str, payloads: Sequence[Any]) -> Encoded:
+        """Vectors `(n, dim)` float32, L2-normalized, for `payloads` of `modality`."""
+        vectors: list[np.ndarray] = []
+        transcripts: list[str] = []
+        for i in range(0, len(payloads), self.batch_size):
+            batch = list(payloads[i : i + self.batch_size])
+            if modality == "speech":
+                out = self.embedder.embed_speech(batch)
+                vectors.append(out.vectors)
+                transcripts.extend(out.transcripts)
+            elif modality == "image":
+                vectors.append(self.embedder.embed_images(batch))
+            else:
+                vectors.append(self.embedder.embed_text(batch))
+        dim = self.embedder.dim
+        stacked = np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)
+        stacked = np.ascontiguousarray(stacked, dtype=np.float32)
+        if stacked.shape != (len(payloads), dim):
+            raise ValueError(
+                f"embedder {self.embedder.name!r} returned shape {stacked.shape} for "
+                f"{len(payloads)} {modality} inputs; expected ({len(payloads)}, {dim})"
+            )
+        return Encoded(stacked, transcripts if modality == "speech" else None)
