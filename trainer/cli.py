@@ -95,7 +95,12 @@ def eval_command(
 
 @click.command("train", context_settings=SETTINGS)
 @click.argument("manifest", type=MANIFEST)
-@click.option("--dev", type=MANIFEST, default=None, help="Manifest the finished model is evaluated on (text↔image, from cached features).")
+@click.option(
+    "--dev",
+    type=MANIFEST,
+    default=None,
+    help="Manifest the finished model is evaluated on (text↔image, from cached features).",
+)
 @click.option(
     "--out",
     "out_dir",

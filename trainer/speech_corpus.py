@@ -183,7 +183,7 @@ def read_captions(manifest: Path) -> list[tuple[str, str]]:
     """`(image, caption)` pairs of a caption manifest, paths exactly as written in it."""
     if not manifest.is_file():
         raise SpeechCorpusError(f"manifest not found: {manifest}")
-    with manifest.open(newline="", encoding="utf-8") as f:
+    with manifest.open(newline="", encoding="utf-8-sig") as f:  # tolerate a BOM
         reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         missing = {"image", "caption"} - set(reader.fieldnames or ())
         if missing:
