@@ -101,7 +101,7 @@ class Whisper:
         from transformers import WhisperFeatureExtractor
 
         path = prepare_whisper(model_dir)
-        threads = threads or min(os.cpu_count() or 1, 4)
+        threads = threads or int(os.environ.get("XMODAL_THREADS", 0)) or min(os.cpu_count() or 1, 4)
         self.model = ctranslate2.models.Whisper(
             str(path), device="cpu", compute_type="int8", intra_threads=threads
         )

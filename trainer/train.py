@@ -142,7 +142,11 @@ def image_recall(model_fns, data: ImageData, image_ids: list[int]) -> dict[str, 
     return {"text->image": t2i, "image->text": i2t}
 
 
-def train_image_stage(data: ImageData, cfg: TrainConfig, model_cfg: ModelConfig, out_dir: Path):
+def train_image_stage(data: ImageData, cfg: TrainConfig, model_cfg: ModelConfig):
+    """Train the image head (and text adapter); returns the best epoch's heads and the history.
+
+    The image head comes back with the feature standardization folded into its first layer.
+    """
     heads = build_heads(model_cfg)
     image_head, text_head = heads["image"], heads.get("text")
     feats = data.image_feats
@@ -174,6 +178,7 @@ def train_image_stage(data: ImageData, cfg: TrainConfig, model_cfg: ModelConfig,
         image_head.train()
         text_head is not None and text_head.train()
         perm = train_caps[torch.randperm(len(train_caps))]
+        total = 0.0
         bar = tqdm(range(steps_per_epoch), desc=f"image head epoch {epoch + 1}/{cfg.epochs}")
         for b in bar:
             caps = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
@@ -187,12 +192,20 @@ def train_image_stage(data: ImageData, cfg: TrainConfig, model_cfg: ModelConfig,
             terms["loss"].backward()
             opt.step()
             sched.step()
+            total += terms["loss"].item()
             bar.set_postfix(loss=f"{terms['loss'].item():.3f}")
         image_head.eval()
         text_head is not None and text_head.eval()
         val = image_recall((img_fn, txt_fn), data, val_ids)
         score = val["text->image"]["R@1"] + val["image->text"]["R@1"]
-        history.append({"epoch": epoch + 1, "val": val, "temperature": 1 / log_scale.exp().item()})
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "loss": total / max(steps_per_epoch, 1),
+                "val": val,
+                "temperature": 1 / log_scale.exp().item(),
+            }
+        )
         log.info("epoch %d held-out val: t→i R@1 %.1f, i→t R@1 %.1f", epoch + 1,
                  val["text->image"]["R@1"], val["image->text"]["R@1"])  # fmt: skip
         if score > best_score:
@@ -322,7 +335,7 @@ def main(
         history = json.loads((stage_dir / "history.json").read_text())
     else:
         data = load_image_data(Path(manifest), cache_dir, views=("orig", "flip"))
-        heads, history = train_image_stage(data, cfg, mcfg, out_dir)
+        heads, history = train_image_stage(data, cfg, mcfg)
         stage_cfg = dataclasses.replace(mcfg, speech=SpeechTowerConfig())
         AlignedModel(stage_cfg, heads, fingerprint="stage").save(stage_dir)
         (stage_dir / "history.json").write_text(json.dumps(history, indent=2) + "\n")
