@@ -220,6 +220,10 @@ class AlignedModel:
         bundle_dir = Path(bundle_dir)
         bundle_dir.mkdir(parents=True, exist_ok=True)
         self.config.save(bundle_dir)
+        if sorted(self.heads) != sorted(head_names(self.config)):
+            raise ModelError(
+                f"heads {sorted(self.heads)} do not match the config's {head_names(self.config)}"
+            )
         tensors = {
             f"{name}.{k}": v.detach().contiguous()
             for name, head in self.heads.items()
@@ -228,14 +232,23 @@ class AlignedModel:
         save_file(tensors, str(bundle_dir / WEIGHTS_FILE))
 
 
+def head_names(config: ModelConfig) -> list[str]:
+    """The trained heads a bundle with this config holds."""
+    return (
+        ["image"]
+        + ["text"] * (config.text.head is not None)
+        + ["speech"] * (config.speech.head is not None)
+    )
+
+
 def build_heads(config: ModelConfig) -> dict[str, torch.nn.Module]:
     """Freshly initialised heads with the shapes the config names."""
-    heads: dict[str, torch.nn.Module] = {"image": MLPHead(config.image.head)}
-    if config.text.head is not None:
-        heads["text"] = MLPHead(config.text.head)
-    if config.speech.head is not None:
-        heads["speech"] = SpeechHead(config.speech.head)
-    return heads
+    makers = {
+        "image": lambda: MLPHead(config.image.head),
+        "text": lambda: MLPHead(config.text.head),
+        "speech": lambda: SpeechHead(config.speech.head),
+    }
+    return {name: makers[name]() for name in head_names(config)}
 
 
 def bundle_fingerprint(bundle_dir: Path) -> str:
@@ -258,6 +271,11 @@ def load_model(name_or_path: str | Path = DEFAULT_MODEL) -> AlignedModel:
         tensors = load_file(str(bundle_dir / WEIGHTS_FILE))
     except FileNotFoundError as exc:
         raise ModelError(f"{bundle_dir} has no {WEIGHTS_FILE}") from exc
+    strays = sorted({k.split(".", 1)[0] for k in tensors} - set(heads))
+    if strays:
+        raise ModelError(
+            f"{bundle_dir}: {WEIGHTS_FILE} holds heads {strays} that config.json does not declare"
+        )
     for name, head in heads.items():
         prefix = f"{name}."
         state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}

@@ -147,7 +147,7 @@ def train_image_stage(data: ImageData, cfg: TrainConfig, model_cfg: ModelConfig)
 
     The image head comes back with the feature standardization folded into its first layer.
     """
-    heads = build_heads(model_cfg)
+    heads = {k: h for k, h in build_heads(model_cfg).items() if k != "speech"}
     image_head, text_head = heads["image"], heads.get("text")
     feats = data.image_feats
     std = _Standardize(feats[0].mean(0), feats[0].std(0) + 1e-3)

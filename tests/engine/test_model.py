@@ -104,3 +104,19 @@ def test_unknown_model_lists_available():
     with pytest.raises(ModelError, match="available"):
         load_model("no-such-model")
     assert isinstance(list_models(), list)
+
+
+def test_heads_must_match_config_on_save_and_load(bundle, tmp_path):
+    """Regression: the image-stage bundle once saved an untrained speech head its config did
+    not declare; saving such a model now fails, and loading such a bundle is refused."""
+    from safetensors.torch import load_file, save_file
+
+    model = load_model(bundle)
+    cascaded = ModelConfig(name="c")
+    with pytest.raises(ModelError, match="do not match the config"):
+        AlignedModel(cascaded, dict(model.heads), fingerprint="x").save(tmp_path / "a")
+    cascaded.save(tmp_path)
+    tensors = load_file(str(bundle / "heads.safetensors"))
+    save_file(tensors, str(tmp_path / "heads.safetensors"))
+    with pytest.raises(ModelError, match="does not declare"):
+        load_model(tmp_path)
