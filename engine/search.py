@@ -11,6 +11,7 @@ modalities are ranked together. This module reads through `engine.store` and nev
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import json
 import logging
@@ -23,16 +24,17 @@ from typing import Any
 
 import numpy as np
 
-from engine.embedder import MODALITIES, Embedder, l2_normalize
+from engine.embedder import MODALITIES, Embedder
 from engine.errors import IndexStateError, MediaError, QueryError
-from engine.media import SAMPLE_RATE, load_audio, load_image
+from engine.media import load_audio, load_image
 from engine.store import Filters, Store
 from engine.vectors import VectorIndex, open_all
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "default"  # what `--model` means when not given: the shipped model
-QUERY_SEGMENT_SECONDS = 30.0  # a longer speech query is embedded in windows and averaged
+QUERY_MAX_SECONDS = 300.0  # a longer speech query is refused: index long recordings instead
+QUERY_SILENCE_RMS = 1e-3  # a speech query quieter than this has nothing to search with
 DUPE_THRESHOLD = 0.95  # cosine above which two images count as near-duplicates
 DUPE_NEIGHBOURS = 16  # nearest neighbours examined per image when looking for duplicates
 OPEN_RETRIES = 3  # a writer may swap vector files between reading meta and opening them
@@ -217,11 +219,13 @@ class SearchEngine:
             return self.model.embed_text([text])[0]
         if image is not None:
             return self.model.embed_images([_query_media(load_image, image, "image")])[0]
-        clip = _query_media(load_audio, speech, "speech")
-        step = int(QUERY_SEGMENT_SECONDS * SAMPLE_RATE)
-        windows = [clip[i : i + step] for i in range(0, len(clip), step)]
-        vectors = self.model.embed_speech(windows).vectors
-        return l2_normalize(vectors.mean(axis=0, keepdims=True))[0]
+        clip = _query_media(
+            functools.partial(load_audio, max_seconds=QUERY_MAX_SECONDS), speech, "speech"
+        )
+        if float(np.sqrt(np.mean(np.square(clip, dtype=np.float64)))) < QUERY_SILENCE_RMS:
+            raise QueryError(f"the speech query {speech} is silent; record something to search for")
+        # the model embeds a clip over 30 s window by window and averages the windows
+        return self.model.embed_speech([clip]).vectors[0]
 
     def search_vector(
         self,

@@ -9,12 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
 from click.testing import CliRunner
 from conftest import StubEmbedder, assert_consistent, write_png, write_wav
 
 from engine.cli import main
 from engine.embedder import MODALITIES
 from engine.errors import IndexStateError, QueryError
+from engine.media import SAMPLE_RATE
 from engine.search import SearchEngine, check_index, load_embedder
 from engine.store import Filters
 from engine.vectors import FLAT_LIMIT
@@ -219,6 +221,19 @@ def test_query_errors(built, media, stub, tmp_path):
             engine.search("dog", k=0)
         with pytest.raises(QueryError, match="cannot load embedder 'nomodule:x'"):
             load_embedder("nomodule:x")
+
+
+def test_silent_and_overlong_speech_queries(built, stub, tmp_path, monkeypatch):
+    """A silent clip has nothing to search with, and an hours-long one would take minutes:
+    both are refused up front instead of returning meaningless hits or hanging."""
+    sf.write(tmp_path / "silence.wav", np.zeros(SAMPLE_RATE, np.float32), SAMPLE_RATE)
+    monkeypatch.setattr("engine.search.QUERY_MAX_SECONDS", 2.0)
+    write_wav(tmp_path / "long.wav", 3.0)
+    with SearchEngine.open(built, model=stub) as engine:
+        with pytest.raises(QueryError, match="silence.wav is silent"):
+            engine.search(speech=tmp_path / "silence.wav")
+        with pytest.raises(QueryError, match=r"long.wav: audio is 3 s long, over 2 s"):
+            engine.search(speech=tmp_path / "long.wav")
 
 
 def test_modality_without_items_is_a_query_error(tmp_path, stub):
