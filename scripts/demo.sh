@@ -6,8 +6,8 @@ cd "$(dirname "$0")/.."
 XMODAL=.venv/bin/xmodal
 INDEX=${1:-$(mktemp -d)/demo-index}
 DEMO=data/demo
-QUERY_WAV=$(ls "$DEMO"/queries/*.wav | head -n 1)
-QUERY_IMG=$(ls "$DEMO"/images/* | head -n 1)
+QUERY_WAV="$DEMO/queries/cat_query.wav"
+QUERY_IMG="$DEMO/images/cat.jpg"
 
 echo "== indexing $DEMO into $INDEX (model: default)"
 $XMODAL index "$DEMO/images" "$DEMO/speech" "$DEMO/notes" --index "$INDEX"
