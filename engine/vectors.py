@@ -44,9 +44,14 @@ def min_train_size(factory: str) -> int:
     return int(match.group(1)) * IVF_TRAIN_PER_LIST if match else 0
 
 
+BLAS_THRESHOLD = 20  # query batches at least this big use BLAS (faiss's default, 128000,
+# kept batched exact search and k-means training off BLAS: ~10x slower, benchmarks/RESULTS.md)
+
+
 def _faiss():
     import faiss  # lazy: keeps `xmodal --help` fast
 
+    faiss.cvar.distance_compute_blas_threshold = BLAS_THRESHOLD
     return faiss
 
 
@@ -272,6 +277,10 @@ def _new(dim: int, factory: str) -> faiss.IndexIDMap2:
             f"invalid FAISS factory string {factory!r}: {exc}; try 'Flat', 'HNSW32' "
             f"or 'IVF1024,PQ32'"
         ) from exc
+    view = faiss.downcast_index(inner)  # a second handle; `inner` keeps owning the index
+    if hasattr(view, "do_polysemous_training"):
+        # polysemous codes are never used here and cost minutes of training on 2 cores
+        view.do_polysemous_training = False
     return faiss.IndexIDMap2(inner)
 
 
