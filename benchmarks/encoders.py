@@ -1,0 +1,117 @@
+"""Encoding speed of the model's towers, batch 1 and 32: images/s (JPEG decode included),
+speech × real time (parallel and cascaded branches), text sentences/s.
+
+    .venv/bin/python benchmarks/encoders.py [--model default] [--seconds 20]
+
+Media are generated here (seeded smooth-colour JPEGs at 224 px, an espeak-ng clip), so the
+script needs nothing outside the repository. Appends a table to benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.media import SAMPLE_RATE, load_audio, load_image  # noqa: E402
+from engine.model import load_model  # noqa: E402
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+SENTENCES = [
+    "A black dog runs across the green grass with a ball in its mouth .",
+    "Two children are playing football in a park .",
+    "A man in a red jacket climbs a snowy mountain .",
+    "A woman sits on a bench reading a book .",
+]
+
+
+def _timed(fn, n_items: int, seconds: float) -> float:
+    """Items per second of `fn` (which handles `n_items`), repeated for about `seconds`."""
+    fn()  # warm-up
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        fn()
+        done += n_items
+    return done / (time.perf_counter() - start)
+
+
+def make_jpegs(folder: Path, n: int) -> list[Path]:
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        # smooth random colour fields compress like photos, unlike white noise
+        small = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
+        img = Image.fromarray(small).resize((224, 224), Image.Resampling.BICUBIC)
+        paths.append(folder / f"img{i}.jpg")
+        img.save(paths[-1], quality=85)
+    return paths
+
+
+def make_speech(folder: Path) -> np.ndarray:
+    wav = folder / "s.wav"
+    subprocess.run(["espeak-ng", "-w", str(wav), " ".join(SENTENCES[:2])], check=True)
+    return load_audio(wav)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="default", help="model name or bundle path")
+    ap.add_argument("--seconds", type=float, default=15.0, help="time per measurement")
+    args = ap.parse_args()
+    model = load_model(args.model)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = make_jpegs(Path(tmp), 32)
+        for bs in (1, 32):
+            rate = _timed(
+                lambda bs=bs: model.embed_images([load_image(p) for p in paths[:bs]]),
+                bs,
+                args.seconds,
+            )
+            rows.append(("images/s (decode + encode)", bs, rate, "≥ 60"))
+        clip = make_speech(Path(tmp))
+        dur = len(clip) / SAMPLE_RATE
+        for branch in ("parallel", "cascaded", "fused"):
+            for bs in (1, 32) if branch == "parallel" else (1,):
+                rate = _timed(
+                    lambda bs=bs, b=branch: model.embed_speech([clip] * bs, branch=b),
+                    bs,
+                    args.seconds,
+                )
+                rows.append(
+                    (
+                        f"speech × real time ({branch}, {dur:.1f} s clips)",
+                        bs,
+                        rate * dur,
+                        "≥ 8 (parallel)",
+                    )
+                )
+        for bs in (1, 32):
+            batch = (SENTENCES * 8)[:bs]
+            rate = _timed(lambda b=batch: model.embed_text(b), bs, args.seconds)
+            rows.append(("text sentences/s", bs, rate, "≥ 300"))
+    header = "| what | batch | measured | target |\n|---|---|---|---|\n"
+    table = header + "".join(f"| {w} | {b} | {r:.1f} | {t} |\n" for w, b, r, t in rows)
+    print(table)
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    with open(RESULTS, "a") as f:
+        f.write(
+            f"\n## Encoder speed — {stamp}\n`python benchmarks/encoders.py --model {args.model} "
+            f"--seconds {args.seconds}` on {platform.node()} ({torch.get_num_threads()} torch threads, "
+            f"{platform.processor() or platform.machine()})\n\n{table}"
+        )
+
+
+if __name__ == "__main__":
+    main()
