@@ -39,6 +39,7 @@ DUPE_THRESHOLD = 0.95  # cosine above which two images count as near-duplicates
 DUPE_NEIGHBOURS = 16  # nearest neighbours examined per image when looking for duplicates
 OPEN_RETRIES = 3  # a writer may swap vector files between reading meta and opening them
 NO_FILTERS = Filters()
+HIT_COLUMNS = ("path", "modality", "start", "end", "text", "segment")  # what a Hit shows
 
 
 @dataclass(frozen=True)
@@ -248,7 +249,7 @@ class SearchEngine:
         return self._hits(found[:k])
 
     def _hits(self, found: list[tuple[float, int]]) -> list[Hit]:
-        rows = {r["id"]: r for r in self.store.get([i for _, i in found])}
+        rows = {r["id"]: r for r in self.store.get([i for _, i in found], HIT_COLUMNS)}
         return [
             Hit(score, r["path"], r["modality"], r["start"], r["end"], r["text"], i, r["segment"])
             for score, i in found
