@@ -6,6 +6,7 @@ names the machine, the date, the load average, the exact command and the numbers
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
 import gc
@@ -147,6 +148,20 @@ def time_calls(fn: Callable[[int], object], n: int, *, budget_s: float = 1e9,
 
 
 # ---- models and media ------------------------------------------------------------------------
+
+
+MODEL_HELP = ("model name or bundle path (default: 'default' if shipped, "
+              "else an untrained bundle with the real towers)")  # fmt: skip
+
+
+def make_parser(doc: str) -> argparse.ArgumentParser:
+    """A script's parser: its docstring's first paragraph as description, defaults shown,
+    and the `--model` option every model-using benchmark takes."""
+    ap = argparse.ArgumentParser(
+        description=doc.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    ap.add_argument("--model", help=MODEL_HELP)
+    return ap
 
 
 def resolve_model_arg(model: str | None, scratch: Path) -> tuple[str, str]:

@@ -15,7 +15,6 @@ pipeline). Then:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -25,7 +24,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import ROOT, append_results, make_images, make_notes, resolve_model_arg, table
+from _common import (
+    ROOT,
+    append_results,
+    make_images,
+    make_notes,
+    make_parser,
+    resolve_model_arg,
+    table,
+)
 
 QUERY = "a dog playing with a ball"
 PHASES = r"""
@@ -120,15 +127,8 @@ def hooks() -> list[tuple[str, str]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    ap = make_parser(__doc__)
     ap.add_argument("--index", help="an existing index directory (default: build a small one)")
-    ap.add_argument(
-        "--model",
-        help="model for the built index (default: 'default' if shipped, "
-        "else an untrained bundle with the real towers)",
-    )
     ap.add_argument("--runs", type=int, default=5, help="subprocess runs per command")
     ap.add_argument("--top", type=int, default=12, help="slowest imports listed")
     ap.add_argument("--no-results", action="store_true", help="do not append to RESULTS.md")

@@ -15,7 +15,6 @@ first so that tower loading counts in neither.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from _common import (
     audio_seconds,
     make_images,
     make_notes,
+    make_parser,
     make_speech,
     resolve_model_arg,
     table,
@@ -63,14 +63,7 @@ def pipeline(model, spec: str, folder: Path, index_dir: Path) -> tuple[float, in
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    ap.add_argument(
-        "--model",
-        help="model name or bundle path (default: 'default' if shipped, "
-        "else an untrained bundle with the real towers)",
-    )
+    ap = make_parser(__doc__)
     ap.add_argument("--images", type=int, default=96, help="generated 640×480 JPEGs")
     ap.add_argument("--speech", type=int, default=16, help="generated espeak-ng clips")
     ap.add_argument("--notes", type=int, default=64, help="generated text notes")

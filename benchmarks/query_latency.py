@@ -14,7 +14,6 @@ search + fetch (`search_vector`). The k = 1,000 case splits search from the meta
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from _common import (
     append_results,
     make_images,
     make_notes,
+    make_parser,
     make_speech,
     percentiles,
     resolve_model_arg,
@@ -173,14 +173,7 @@ def time_k1000(label: str, engine, args) -> list[tuple]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    ap.add_argument(
-        "--model",
-        help="model name or bundle path (default: 'default' if shipped, "
-        "else an untrained bundle with the real towers)",
-    )
+    ap = make_parser(__doc__)
     ap.add_argument("--demo-images", type=int, default=120, help="images in the demo index")
     ap.add_argument("--demo-speech", type=int, default=20, help="speech clips in the demo index")
     ap.add_argument("--demo-notes", type=int, default=60, help="text notes in the demo index")
