@@ -302,6 +302,19 @@ def model_config(cfg: TrainConfig, *, name: str, with_speech: bool) -> ModelConf
     )
 
 
+def _stage_matches(stage_dir: Path, mcfg: ModelConfig) -> bool:
+    """Whether a finished image stage in `stage_dir` has the heads this run would train."""
+    if not (stage_dir / "heads.safetensors").exists():
+        return False
+    saved = ModelConfig.load(stage_dir)
+    if (saved.image, saved.text) != (mcfg.image, mcfg.text):
+        log.warning(
+            "%s was trained with other head settings; training the image stage again", stage_dir
+        )
+        return False
+    return True
+
+
 def main(
     manifest: Path,
     *,
@@ -329,7 +342,7 @@ def main(
     with_speech = bool(speech_manifests)
     mcfg = model_config(cfg, name=name, with_speech=with_speech)
     stage_dir = out_dir / "image_stage"
-    if resume and (stage_dir / "heads.safetensors").exists():
+    if resume and _stage_matches(stage_dir, mcfg):
         log.info("resuming: image stage loaded from %s", stage_dir)
         heads = dict(load_model(stage_dir).heads)
         history = json.loads((stage_dir / "history.json").read_text())

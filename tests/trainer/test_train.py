@@ -87,3 +87,15 @@ def test_speech_stage_distills_toward_teacher(monkeypatch, tmp_path):
     model.save(tmp_path / "b")
     again = load_model(tmp_path / "b")
     np.testing.assert_array_equal(again.embed_speech_states(x.numpy(), lens.numpy()), student)
+
+
+def test_resume_reuses_only_a_matching_image_stage(tmp_path):
+    cfg = T.TrainConfig(hidden_dim=64)
+    mcfg = T.model_config(cfg, name="r", with_speech=False)
+    stage = tmp_path / "image_stage"
+    assert not T._stage_matches(stage, mcfg)
+    heads = {k: h for k, h in T.build_heads(mcfg).items()}
+    AlignedModel(mcfg, heads, fingerprint="s").save(stage)
+    assert T._stage_matches(stage, mcfg)
+    other = T.model_config(T.TrainConfig(hidden_dim=128), name="r", with_speech=False)
+    assert not T._stage_matches(stage, other)
