@@ -144,6 +144,11 @@ def _read_ffmpeg(path: Path) -> np.ndarray:
     return np.frombuffer(out.stdout, dtype=np.float32).copy()
 
 
+def rms(samples: np.ndarray) -> float:
+    """Root-mean-square level of a waveform (0.0 for an empty one), computed in float64."""
+    return float(np.sqrt(np.mean(np.square(samples, dtype=np.float64)))) if samples.size else 0.0
+
+
 def resample(samples: np.ndarray, rate: int) -> np.ndarray:
     """`(samples,)` float32 at `rate` Hz → float32 at `SAMPLE_RATE`."""
     if rate == SAMPLE_RATE:

@@ -26,7 +26,7 @@ import numpy as np
 
 from engine.embedder import MODALITIES, Embedder
 from engine.errors import IndexStateError, MediaError, QueryError
-from engine.media import load_audio, load_image
+from engine.media import load_audio, load_image, rms
 from engine.store import Filters, Store
 from engine.vectors import VectorIndex, open_all
 
@@ -223,7 +223,7 @@ class SearchEngine:
         clip = _query_media(
             functools.partial(load_audio, max_seconds=QUERY_MAX_SECONDS), speech, "speech"
         )
-        if float(np.sqrt(np.mean(np.square(clip, dtype=np.float64)))) < QUERY_SILENCE_RMS:
+        if rms(clip) < QUERY_SILENCE_RMS:
             raise QueryError(f"the speech query {speech} is silent; record something to search for")
         # the model embeds a clip over 30 s window by window and averages the windows
         return self.model.embed_speech([clip]).vectors[0]

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import ModelError
-from engine.media import SAMPLE_RATE
+from engine.media import SAMPLE_RATE, rms
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class Whisper:
         out = self.model.encode(ctranslate2.StorageView.from_array(mel), to_cpu=True)
         states = np.asarray(out, dtype=np.float32)
         lengths = np.minimum(np.ceil(frames / 2).astype(int), states.shape[1])
-        silent = np.array([_rms(c) < SILENCE_RMS for c in clips])
+        silent = np.array([rms(c) < SILENCE_RMS for c in clips])
         return EncodedSpeech(states=states, lengths=lengths, silent=silent)
 
     @staticmethod
@@ -162,7 +162,3 @@ class Whisper:
             else:
                 texts.append(self.tokenizer.decode(res.sequences_ids[0]).strip())
         return texts
-
-
-def _rms(clip: np.ndarray) -> float:
-    return float(np.sqrt(np.mean(np.square(clip, dtype=np.float64)))) if clip.size else 0.0

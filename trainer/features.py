@@ -35,11 +35,16 @@ def _cached(path: Path, compute: Callable[[], np.ndarray]) -> np.ndarray:
     if path.exists():
         return np.load(path)
     arr = compute()
+    _save_npy(path, arr)
+    return arr
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    """Write `arr` to `path` atomically, so a killed run never leaves a half-written cache."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
     np.save(tmp, arr)
     os.replace(tmp, path)
-    return arr
 
 
 def _view(img: Image.Image, view: str) -> Image.Image:
@@ -134,9 +139,6 @@ def speech_states(
                 per_clip[i] = enc.states[row, : max(1, enc.lengths[row])].astype(np.float16)
     offsets = np.concatenate([[0], np.cumsum([len(s) for s in per_clip])]).astype(np.int64)
     states = np.concatenate(per_clip)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    for path, arr in ((states_path, states), (offsets_path, offsets)):
-        tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-        np.save(tmp, arr)
-        os.replace(tmp, path)
+    _save_npy(states_path, states)
+    _save_npy(offsets_path, offsets)
     return states, offsets

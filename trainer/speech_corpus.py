@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import XmodalError
-from engine.media import SAMPLE_RATE
+from engine.media import SAMPLE_RATE, rms
 
 logger = logging.getLogger(__name__)
 
@@ -341,7 +341,7 @@ def synthesize(clip: Clip, out_dir: Path) -> None:
         raise SpeechCorpusError(
             f"sox gave {rate} Hz, shape {speech.shape}; expected mono {SAMPLE_RATE}"
         )
-    if _rms(speech) < MIN_SPEECH_RMS:
+    if rms(speech) < MIN_SPEECH_RMS:
         raise SpeechCorpusError(f"{clip.voice} produced silence for {clip.caption!r}")
     _write_wav_atomic(out_dir / clip.audio, augment(speech, clip))
 
@@ -354,7 +354,7 @@ def augment(speech: np.ndarray, clip: Clip) -> np.ndarray:
     out = np.concatenate([np.zeros(before), speech, np.zeros(after)]).astype(np.float32)
     if math.isfinite(clip.snr_db):
         rng = np.random.default_rng(clip.noise_seed)
-        noise_rms = _rms(speech) / 10 ** (clip.snr_db / 20)
+        noise_rms = rms(speech) / 10 ** (clip.snr_db / 20)
         out += noise_rms * colored_noise(len(out), clip.noise, rng)
     peak = float(np.abs(out).max())
     return out * (0.99 / peak) if peak > 0.99 else out
@@ -367,7 +367,7 @@ def colored_noise(n: int, kind: str, rng: np.random.Generator) -> np.ndarray:
     freqs = np.fft.rfftfreq(n)
     freqs[0] = freqs[1] if n > 2 else 1.0  # no infinite DC gain
     noise = np.fft.irfft(spectrum / freqs**exponent, n)
-    return (noise / max(_rms(noise), 1e-12)).astype(np.float32)
+    return (noise / max(rms(noise), 1e-12)).astype(np.float32)
 
 
 def write_manifest(path: Path, clips: Sequence[Clip]) -> None:
@@ -478,7 +478,3 @@ def _rebase(image: str, manifest_dir: Path, out_dir: Path) -> str:
 def _safe_stem(image: str) -> str:
     stem = Path(image).stem or "clip"
     return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in stem)[:60]
-
-
-def _rms(x: np.ndarray) -> float:
-    return float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))) if x.size else 0.0
