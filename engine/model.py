@@ -6,6 +6,7 @@ A bundle is a directory with `config.json` (an `engine.config.ModelConfig`) and
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import os
@@ -93,7 +94,10 @@ class AlignedModel:
     def image_backbone(self):
         from engine.vision import ImageBackbone
 
-        return ImageBackbone(self.config.image.backbone, pooling=self.config.image.pooling)
+        backbone = ImageBackbone(self.config.image.backbone, pooling=self.config.image.pooling)
+        if "image_tail" in self.heads:
+            backbone.use_tail(self.heads["image_tail"])
+        return backbone
 
     @cached_property
     def whisper(self):
@@ -236,6 +240,7 @@ def head_names(config: ModelConfig) -> list[str]:
     """The trained heads a bundle with this config holds."""
     return (
         ["image"]
+        + ["image_tail"] * config.image.tuned_tail
         + ["text"] * (config.text.head is not None)
         + ["speech"] * (config.speech.head is not None)
     )
@@ -243,8 +248,15 @@ def head_names(config: ModelConfig) -> list[str]:
 
 def build_heads(config: ModelConfig) -> dict[str, torch.nn.Module]:
     """Freshly initialised heads with the shapes the config names."""
+
+    def image_tail() -> torch.nn.Module:
+        from engine.vision import ImageBackbone
+
+        return copy.deepcopy(ImageBackbone(config.image.backbone).tail_net)
+
     makers = {
         "image": lambda: MLPHead(config.image.head),
+        "image_tail": image_tail,
         "text": lambda: MLPHead(config.text.head),
         "speech": lambda: SpeechHead(config.speech.head),
     }

@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 PIXEL_MEAN = 127.0 / 255.0
 PIXEL_STD = 128.0 / 255.0
 FEATURE_CHANNELS = 1280  # channels of Lite0's final feature map
+TRUNK_BLOCKS = 14  # blocks before the "tail" (the last two MBConv blocks and the head conv)
+TRUNK_CHANNELS = 192  # channels of the trunk's output, at 1/32 of the input side
 
 
 def preprocess(images: Sequence[Image.Image], *, size: int) -> torch.Tensor:
@@ -56,15 +58,54 @@ class ImageBackbone(torch.nn.Module):
         self.net = _load_efficientnet(name)
         self.net.eval().requires_grad_(False)
         self.net.to(memory_format=torch.channels_last)
+        self.tail_net = ImageTail(self.net)
         self.out_dim = 2 * FEATURE_CHANNELS
+
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """`(n, 3, s, s)` → `(n, 192, s/32, s/32)`: stem and the first `TRUNK_BLOCKS` blocks."""
+        net = self.net
+        x = net._swish(net._bn0(net._conv_stem(x)))
+        for block in net._blocks[:TRUNK_BLOCKS]:
+            x = block(x)
+        return x
+
+    def tail(self, x: torch.Tensor) -> torch.Tensor:
+        """Trunk output → `(n, 1280, s/32, s/32)` final feature map (the part a bundle may tune)."""
+        return self.tail_net(x)
+
+    def use_tail(self, tail: ImageTail) -> None:
+        """Run `tail` (e.g. tuned weights from a bundle) instead of the packaged one."""
+        self.tail_net = tail.eval().requires_grad_(False)
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """`(n, 3, s, s)` → `(n, 1280, s/32, s/32)` final feature map."""
-        return self.net.extract_features(x)
+        return self.tail(self.trunk(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fmap = self.feature_map(x)
-        return torch.cat([fmap.mean(dim=(2, 3)), fmap.amax(dim=(2, 3))], dim=1)
+        return pool(self.feature_map(x))
+
+
+class ImageTail(torch.nn.Module):
+    """The backbone's last blocks and head conv: trunk output → final feature map.
+
+    Built on a backbone's own modules (shared, not copied); `copy.deepcopy` it to tune a copy.
+    BatchNorm statistics stay frozen: call `.eval()` even while training its weights.
+    """
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(net._blocks[TRUNK_BLOCKS:])
+        self.conv_head, self.bn1, self.act = net._conv_head, net._bn1, net._swish
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.act(self.bn1(self.conv_head(x)))
+
+
+def pool(fmap: torch.Tensor) -> torch.Tensor:
+    """`(n, c, h, w)` feature map → `(n, 2c)` mean ‖ max over positions."""
+    return torch.cat([fmap.mean(dim=(2, 3)), fmap.amax(dim=(2, 3))], dim=1)
 
 
 def _load_efficientnet(name: str) -> torch.nn.Module:

@@ -141,6 +141,17 @@ def eval_command(
     default=15,
     help="Passes over the spoken captions.",
 )
+@click.option(
+    "--tune-tail/--no-tune-tail",
+    default=False,
+    help="Also tune the image backbone's last two blocks and head conv (on cached trunk features).",
+)
+@click.option(
+    "--tail-lr",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1e-4,
+    help="Peak learning rate of the tuned image tail.",
+)
 @click.option("--name", default="xmodal", help="Model name recorded in the bundle.")
 @click.option("--seed", type=int, default=0, help="Seeds data order, initialization and dropout.")
 @click.option(
@@ -157,6 +168,8 @@ def train(
     lr: float,
     temperature: float,
     speech_epochs: int,
+    tune_tail: bool,
+    tail_lr: float,
     name: str,
     seed: int,
     resume: bool,
@@ -175,6 +188,8 @@ def train(
         lr=lr,
         temperature=temperature,
         speech_epochs=speech_epochs,
+        tune_tail=tune_tail,
+        tail_lr=tail_lr,
         name=name,
         seed=seed,
         resume=resume,

@@ -55,22 +55,27 @@ def _view(img: Image.Image, view: str) -> Image.Image:
     raise ValueError(f"unknown view {view!r}; available: {IMAGE_VIEWS}")
 
 
-def image_features(
+def image_trunks(
     paths: Sequence[str], cache_dir: Path, *, view: str = "orig", batch_size: int = 32
 ) -> np.ndarray:
-    """`(n, 2560)` float16 pooled EfficientNet-Lite0 features of each image, cached.
+    """`(n, 192, 7, 7)` float16 EfficientNet-Lite0 trunk outputs (`ImageBackbone.trunk`), cached:
+    the frozen part of the image tower, on which the tail can be tuned cheaply.
 
     An unreadable image gets a zero row and a warning, so one bad file does not stop training.
     """
-    key = cache_key("image", paths, backbone="efficientnet-lite0", view=view, size=224)
+    from engine.vision import TRUNK_BLOCKS, TRUNK_CHANNELS
+
+    side = 224 // 32
+    key = cache_key("trunk", paths, backbone="efficientnet-lite0", view=view, size=224,
+                    blocks=TRUNK_BLOCKS)  # fmt: skip
 
     def compute() -> np.ndarray:
         from engine.vision import ImageBackbone, preprocess
 
         backbone = ImageBackbone()
-        out = np.zeros((len(paths), backbone.out_dim), dtype=np.float16)
+        out = np.zeros((len(paths), TRUNK_CHANNELS, side, side), dtype=np.float16)
         with torch.inference_mode():
-            for start in tqdm(range(0, len(paths), batch_size), desc=f"image features ({view})"):
+            for start in tqdm(range(0, len(paths), batch_size), desc=f"image trunks ({view})"):
                 imgs, rows = [], []
                 for i, p in enumerate(paths[start : start + batch_size], start):
                     try:
@@ -79,9 +84,44 @@ def image_features(
                     except MediaError as exc:
                         log.warning("skipping %s", exc)
                 if imgs:
-                    out[rows] = backbone(preprocess(imgs, size=224)).numpy().astype(np.float16)
+                    x = preprocess(imgs, size=224)
+                    out[rows] = backbone.trunk(x).float().numpy().astype(np.float16)
         return out
 
+    return _cached(cache_dir / f"{key}.npy", compute)
+
+
+def image_features(
+    paths: Sequence[str],
+    cache_dir: Path,
+    *,
+    view: str = "orig",
+    tail: torch.nn.Module | None = None,
+    batch_size: int = 256,
+) -> np.ndarray:
+    """`(n, 2560)` float16 pooled EfficientNet-Lite0 features: the cached trunk, then the tail.
+
+    Without `tail` the packaged (frozen) tail runs and the result is cached; a tuned `tail`
+    (`engine.vision.ImageTail`) is run on the cached trunks every call. Unreadable images get a
+    zero row (see `image_trunks`).
+    """
+    from engine.vision import ImageBackbone, pool
+
+    trunks = image_trunks(paths, cache_dir, view=view)
+
+    def compute() -> np.ndarray:
+        run = tail if tail is not None else ImageBackbone().tail_net
+        out = np.zeros((len(paths), 2 * 1280), dtype=np.float16)
+        with torch.inference_mode():
+            for start in range(0, len(paths), batch_size):
+                x = torch.from_numpy(trunks[start : start + batch_size].astype(np.float32))
+                out[start : start + len(x)] = pool(run(x)).numpy().astype(np.float16)
+        out[~trunks.reshape(len(trunks), -1).any(axis=1)] = 0
+        return out
+
+    if tail is not None:
+        return compute()
+    key = cache_key("image", paths, backbone="efficientnet-lite0", view=view, size=224, trunk=1)
     return _cached(cache_dir / f"{key}.npy", compute)
 
 

@@ -34,8 +34,9 @@ from engine.errors import XmodalError
 from engine.heads import lengths_to_mask
 from engine.model import AlignedModel, build_heads, bundle_fingerprint, load_model
 from engine.speech import cache_root
+from engine.vision import pool
 from trainer.evaluate import recall_at_k
-from trainer.features import image_features, speech_states, text_embeddings
+from trainer.features import image_features, image_trunks, speech_states, text_embeddings
 from trainer.losses import DistillLoss, info_nce
 from trainer.manifest import read_manifest
 
@@ -62,6 +63,8 @@ class TrainConfig:
     beta: float = 1.0  # weight of the KD (alignment) term
     lam: float = 1.0  # λ, weight of the KL inside the alignment term
     fuse_weight: float = 0.3  # share of the parallel branch in the fused speech vector
+    tune_tail: bool = False  # also tune the image backbone's tail (last 2 blocks + head conv)
+    tail_lr: float = 1e-4  # peak learning rate of the tuned tail
     seed: int = 0  # seeds data order, initialisation and dropout
 
 
@@ -106,9 +109,12 @@ class ImageData:
     caption_image: torch.Tensor  # (n_captions,) index into images
     image_feats: torch.Tensor  # (views, n_images, 2560)
     text_vecs: torch.Tensor  # (n_captions, 384)
+    trunks: torch.Tensor | None = None  # (views, n_images, 192, 7, 7) float16, to tune the tail
 
 
-def load_image_data(manifest_path: Path, cache_dir: Path, *, views: tuple[str, ...]) -> ImageData:
+def load_image_data(
+    manifest_path: Path, cache_dir: Path, *, views: tuple[str, ...], trunks: bool = False
+) -> ImageData:
     manifest = read_manifest(manifest_path)
     for problem in manifest.problems[:20]:
         log.warning("%s: %s", manifest_path, problem)
@@ -122,6 +128,9 @@ def load_image_data(manifest_path: Path, cache_dir: Path, *, views: tuple[str, .
         caption_image=torch.tensor([index[str(row.image)] for row in manifest.rows]),
         image_feats=torch.from_numpy(feats),
         text_vecs=torch.from_numpy(text_embeddings(captions, cache_dir)),
+        trunks=torch.from_numpy(np.stack([image_trunks(images, cache_dir, view=v) for v in views]))
+        if trunks
+        else None,
     )
 
 
@@ -131,7 +140,7 @@ def image_recall(model_fns, data: ImageData, image_ids: list[int]) -> dict[str, 
     pos = {img: k for k, img in enumerate(image_ids)}
     caps = [c for c in range(len(data.captions)) if int(data.caption_image[c]) in pos]
     with torch.no_grad():
-        zi = img_fn(data.image_feats[0, image_ids]).numpy()
+        zi = img_fn(image_ids).numpy()
         zt = txt_fn(data.text_vecs[caps]).numpy()
     cap_img = [pos[int(data.caption_image[c])] for c in caps]
     t2i = recall_at_k(zt, zi, [{i} for i in cap_img])
@@ -148,7 +157,9 @@ def train_image_stage(data: ImageData, cfg: TrainConfig, model_cfg: ModelConfig)
     The image head comes back with the feature standardization folded into its first layer.
     """
     heads = {k: h for k, h in build_heads(model_cfg).items() if k != "speech"}
-    image_head, text_head = heads["image"], heads.get("text")
+    image_head, text_head, tail = heads["image"], heads.get("text"), heads.get("image_tail")
+    if tail is not None and data.trunks is None:
+        raise XmodalError("tuning the image tail needs the trunk features (load_image_data)")
     feats = data.image_feats
     std = _Standardize(feats[0].mean(0), feats[0].std(0) + 1e-3)
     rng = np.random.default_rng(cfg.seed)
@@ -163,12 +174,24 @@ def train_image_stage(data: ImageData, cfg: TrainConfig, model_cfg: ModelConfig)
     log_scale = torch.nn.Parameter(torch.tensor(math.log(1 / cfg.temperature)))
     params = list(image_head.parameters()) + [log_scale]
     params += list(text_head.parameters()) if text_head is not None else []
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups = [{"params": params, "lr": cfg.lr}]
+    if tail is not None:
+        tail.eval().requires_grad_(True)  # weights learn, BatchNorm statistics stay frozen
+        groups.append({"params": list(tail.parameters()), "lr": cfg.tail_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     steps_per_epoch = len(train_caps) // cfg.batch_size
-    sched = _one_cycle(opt, cfg.lr, cfg.epochs * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, [g["lr"] for g in groups], total_steps=max(cfg.epochs * steps_per_epoch, 1),
+        pct_start=0.1,
+    )  # fmt: skip
 
-    def img_fn(x):
-        return F.normalize(image_head(std(x)), dim=-1)
+    def features(view, imgs):
+        if tail is None:
+            return feats[view, imgs]
+        return pool(tail(data.trunks[view, imgs].float()))
+
+    def img_fn(image_ids):
+        return F.normalize(image_head(std(features(0, torch.as_tensor(image_ids)))), dim=-1)
 
     def txt_fn(t):
         return F.normalize(text_head(t) if text_head is not None else t, dim=-1)
@@ -184,8 +207,9 @@ def train_image_stage(data: ImageData, cfg: TrainConfig, model_cfg: ModelConfig)
             caps = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
             imgs = data.caption_image[caps]
             view = torch.randint(0, feats.shape[0], (len(caps),))
+            zi = F.normalize(image_head(std(features(view, imgs))), dim=-1)
             terms = info_nce(
-                txt_fn(data.text_vecs[caps]), img_fn(feats[view, imgs]),
+                txt_fn(data.text_vecs[caps]), zi,
                 temperature=1 / log_scale.exp().clamp(max=100), group_ids=imgs,
             )  # fmt: skip
             opt.zero_grad()
@@ -213,7 +237,7 @@ def train_image_stage(data: ImageData, cfg: TrainConfig, model_cfg: ModelConfig)
             best = {k: {n: v.clone() for n, v in h.state_dict().items()} for k, h in heads.items()}
     for k, h in heads.items():
         h.load_state_dict(best[k])
-        h.eval()
+        h.eval().requires_grad_(False)
     fold_standardization(image_head, std)
     return heads, history
 
@@ -292,7 +316,8 @@ def model_config(cfg: TrainConfig, *, name: str, with_speech: bool) -> ModelConf
         image=ImageTowerConfig(
             head=HeadConfig(
                 in_dim=2560, out_dim=384, hidden_dim=cfg.hidden_dim, dropout=cfg.dropout
-            )
+            ),
+            tuned_tail=cfg.tune_tail,
         ),
         speech=SpeechTowerConfig(
             branch="fused" if with_speech else "cascaded",
@@ -347,7 +372,9 @@ def main(
         heads = dict(load_model(stage_dir).heads)
         history = json.loads((stage_dir / "history.json").read_text())
     else:
-        data = load_image_data(Path(manifest), cache_dir, views=("orig", "flip"))
+        data = load_image_data(
+            Path(manifest), cache_dir, views=("orig", "flip"), trunks=cfg.tune_tail
+        )
         heads, history = train_image_stage(data, cfg, mcfg)
         stage_cfg = dataclasses.replace(mcfg, speech=SpeechTowerConfig())
         AlignedModel(stage_cfg, heads, fingerprint="stage").save(stage_dir)
@@ -392,7 +419,8 @@ def evaluate_bundle(bundle: Path, dev: Path, cache_dir: Path) -> dict:
     model = load_model(bundle)
     manifest = read_manifest(dev)
     es = build_eval_set(manifest)
-    feats = image_features([str(p) for p in es.images], cache_dir, view="orig")
+    tail = model.heads.get("image_tail")
+    feats = image_features([str(p) for p in es.images], cache_dir, view="orig", tail=tail)
     text = model.embed_text(list(es.texts))
     return evaluate(
         manifest,

@@ -99,3 +99,50 @@ def test_resume_reuses_only_a_matching_image_stage(tmp_path):
     assert T._stage_matches(stage, mcfg)
     other = T.model_config(T.TrainConfig(hidden_dim=128), name="r", with_speech=False)
     assert not T._stage_matches(stage, other)
+
+
+def test_tuned_image_tail_trains_and_round_trips(tmp_path):
+    """With `tune_tail` the backbone's last blocks learn on cached trunk features, and the bundle
+    carries them: a loaded model embeds pixels through the tuned tail, not the packaged one."""
+    from PIL import Image
+
+    from engine.vision import ImageBackbone, pool
+
+    T.seed_everything(0)
+    n = 64
+    data = _synthetic(n_images=n, dim_in=192)
+    g = torch.Generator().manual_seed(2)
+    # trunk maps: each image's 192-d signal spread over the 7x7 grid, plus noise
+    trunks = data.image_feats[:, :, :, None, None] + 0.5 * torch.randn(2, n, 192, 7, 7, generator=g)
+    backbone = ImageBackbone()
+    with torch.no_grad():
+        feats = torch.stack([pool(backbone.tail(v)) for v in trunks])
+    data = T.ImageData(
+        images=data.images, captions=data.captions, caption_image=data.caption_image,
+        image_feats=feats, text_vecs=data.text_vecs, trunks=trunks.half(),
+    )  # fmt: skip
+    cfg = T.TrainConfig(
+        epochs=3, batch_size=32, lr=2e-3, hidden_dim=128, val_images=12, tune_tail=True,
+        tail_lr=1e-3,
+    )  # fmt: skip
+    mcfg = T.model_config(cfg, name="tail", with_speech=False)
+    assert mcfg.image.tuned_tail
+    heads, history = T.train_image_stage(data, cfg, mcfg)
+    assert history[-1]["loss"] < history[0]["loss"]
+    packaged = backbone.tail_net.state_dict()
+    tuned = heads["image_tail"].state_dict()
+    assert any(not torch.equal(packaged[k], tuned[k]) for k in packaged)
+    assert all(not p.requires_grad for p in heads["image_tail"].parameters())
+
+    AlignedModel(mcfg, heads, fingerprint="t").save(tmp_path / "b")
+    loaded = load_model(tmp_path / "b")
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 80, 3), np.uint8))
+    x = loaded.preprocess([img])
+    with torch.no_grad():
+        expect = torch.nn.functional.normalize(
+            heads["image"](pool(heads["image_tail"](backbone.trunk(x)))), dim=-1
+        ).numpy()
+        frozen = torch.nn.functional.normalize(heads["image"](backbone(x)), dim=-1).numpy()
+    got = loaded.embed_images([img])
+    np.testing.assert_allclose(got, expect, atol=1e-5)
+    assert np.abs(got - frozen).max() > 1e-3
