@@ -69,6 +69,7 @@ class SpeechTowerConfig:
     branch: str = "cascaded"  # which vector indexes speech: cascaded, parallel or fused
     fuse_weight: float = 0.5  # share of the parallel vector in the fused one
     head: SpeechHeadConfig | None = None  # the parallel branch; None means cascaded only
+    beam_size: int = 5  # Whisper beam search width for transcripts (1 = greedy, fastest)
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,8 @@ class ModelConfig:
             raise ModelError(
                 f"unknown speech branch {self.speech.branch!r}; available: {SPEECH_BRANCHES}"
             )
+        if not 1 <= self.speech.beam_size <= 16:
+            raise ModelError(f"speech.beam_size must be 1..16, not {self.speech.beam_size}")
         if self.speech.branch != "cascaded" and self.speech.head is None:
             raise ModelError(f"speech branch {self.speech.branch!r} needs a speech head")
         if self.version != BUNDLE_VERSION:

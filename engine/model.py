@@ -188,11 +188,15 @@ class AlignedModel:
         for start in range(0, len(windows), SPEECH_BATCH):
             batch = windows[start : start + SPEECH_BATCH]
             enc = self.whisper.encode(batch)
-            heard = self.whisper.transcribe(enc)
+            heard = self.transcribe(enc)
             texts += heard
             rows = slice(start, start + len(batch))
             vecs[rows] = self.combine_speech(heard, enc.states, enc.lengths, branch)
         return vecs, texts
+
+    def transcribe(self, encoded) -> list[str]:
+        """Transcripts of `Whisper.encode` output, with this bundle's beam size."""
+        return self.whisper.transcribe(encoded, beam_size=self.config.speech.beam_size)
 
     def combine_speech(
         self,

@@ -144,7 +144,8 @@ class Whisper:
         return int(min(224, len(PROMPT) + 10 + TOKENS_PER_SECOND * seconds))
 
     def transcribe(self, encoded: EncodedSpeech, *, beam_size: int = 1) -> list[str]:
-        """Greedy English transcripts; "" for silence and clips Whisper hears no speech in."""
+        """English transcripts (greedy with `beam_size=1`, else beam search); "" for silence and
+        clips Whisper hears no speech in."""
         import ctranslate2
 
         results = self.model.generate(

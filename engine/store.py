@@ -240,12 +240,14 @@ class Store:
             raise QueryError(f"unknown item columns {unknown}; available: {list(ITEM_COLUMNS)}")
         if "id" not in names:
             names.insert(0, "id")
-        cols = [items.c[n] for n in names]
-        found: dict[int, dict[str, Any]] = {}
+        # One statement whatever the number of ids (a JSON array, expanded by SQLite), and plain
+        # tuples: building SQLAlchemy rows cost ~30 µs each, which dominated k = 1,000 queries.
+        quoted = ", ".join(f'"{n}"' for n in names)  # names are checked above
+        sql = f"SELECT {quoted} FROM items WHERE id IN (SELECT value FROM json_each(?))"
         with self.engine.connect() as conn:
-            for chunk in _chunks(sorted(set(ids))):
-                for row in conn.execute(select(*cols).where(items.c.id.in_(chunk))):
-                    found[row.id] = dict(row._mapping)
+            rows = conn.exec_driver_sql(sql, (json.dumps(sorted(set(ids))),)).fetchall()
+        key = names.index("id")
+        found = {row[key]: dict(zip(names, row, strict=True)) for row in rows}
         return [found[i] for i in ids if i in found]
 
     def ids(self, modality: str | None = None) -> np.ndarray:

@@ -30,6 +30,7 @@ def test_round_trip(tmp_path):
         ({"text": {"tower": "bert"}}, "unknown text tower"),
         ({"speech": {"branch": "fused"}}, "needs a speech head"),
         ({"speech": {"branch": "psychic"}}, "unknown speech branch"),
+        ({"speech": {"beam_size": 0}}, "beam_size"),
         ({"version": 99}, "not supported"),
         ({"image": {"head": {"in_dim": 3}}}, "malformed"),
     ],

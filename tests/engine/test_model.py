@@ -74,6 +74,20 @@ def test_speech_transcript_and_branches(model):
     )
 
 
+def test_transcripts_use_the_bundles_beam_size(model, monkeypatch):
+    seen = []
+    real = model.whisper.transcribe
+
+    def spy(encoded, *, beam_size=1):
+        seen.append(beam_size)
+        return real(encoded, beam_size=beam_size)
+
+    monkeypatch.setattr(model.whisper, "transcribe", spy)
+    clip = load_audio(FIXTURES / "dog_on_beach.wav")
+    assert "dog" in model.embed_speech([clip], branch="cascaded").transcripts[0].lower()
+    assert seen == [model.config.speech.beam_size] and seen[0] > 1
+
+
 def test_silent_and_tiny_clips_are_finite(model):
     emb = model.embed_speech([np.zeros(SAMPLE_RATE, np.float32), np.zeros(10, np.float32)])
     assert emb.transcripts == ["", ""]

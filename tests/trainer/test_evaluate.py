@@ -342,12 +342,12 @@ class SharedEncoderStub(StubEmbedder):
             self.calls.append(("encode", len(clips)))
             return type("Encoded", (), {"states": [len(c) for c in clips], "lengths": None})()
 
-        def transcribe(self, encoded):
-            return ["red" if n == CLIP_SAMPLES["red"] else "green" for n in encoded.states]
-
     def __init__(self) -> None:
         super().__init__()
         self.whisper = self._Whisper(self.calls)
+
+    def transcribe(self, encoded):
+        return ["red" if n == CLIP_SAMPLES["red"] else "green" for n in encoded.states]
 
     def combine_speech(self, transcripts, states, lengths, branch):
         cascaded = self.embed_text(transcripts)
