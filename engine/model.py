@@ -88,7 +88,10 @@ class AlignedModel:
     def text_tower(self):
         from engine.text import load_text_tower
 
-        return load_text_tower(self.config.text.tower, max_tokens=self.config.text.max_tokens)
+        tower = load_text_tower(self.config.text.tower, max_tokens=self.config.text.max_tokens)
+        if "text_top" in self.heads:
+            tower.use_top_layers(self.heads["text_top"])
+        return tower
 
     @cached_property
     def image_backbone(self):
@@ -97,7 +100,7 @@ class AlignedModel:
         backbone = ImageBackbone(self.config.image.backbone, pooling=self.config.image.pooling)
         if "image_tail" in self.heads:
             backbone.use_tail(self.heads["image_tail"])
-        return backbone
+        return backbone.fuse_batchnorm()
 
     @cached_property
     def whisper(self):
@@ -245,6 +248,7 @@ def head_names(config: ModelConfig) -> list[str]:
     return (
         ["image"]
         + ["image_tail"] * config.image.tuned_tail
+        + ["text_top"] * (config.text.tuned_layers > 0)
         + ["text"] * (config.text.head is not None)
         + ["speech"] * (config.speech.head is not None)
     )
@@ -258,9 +262,16 @@ def build_heads(config: ModelConfig) -> dict[str, torch.nn.Module]:
 
         return copy.deepcopy(ImageBackbone(config.image.backbone).tail_net)
 
+    def text_top() -> torch.nn.Module:
+        from engine.text import load_text_tower
+
+        tower = load_text_tower(config.text.tower)
+        return copy.deepcopy(tower.layers[len(tower.layers) - config.text.tuned_layers :])
+
     makers = {
         "image": lambda: MLPHead(config.image.head),
         "image_tail": image_tail,
+        "text_top": text_top,
         "text": lambda: MLPHead(config.text.head),
         "speech": lambda: SpeechHead(config.speech.head),
     }

@@ -55,6 +55,33 @@ class MiniLMTower:
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
+    @property
+    def layers(self) -> torch.nn.ModuleList:
+        """The transformer layers, bottom first."""
+        return self.model.encoder.layer
+
+    def use_top_layers(self, top: torch.nn.ModuleList) -> None:
+        """Run `top` (tuned weights from a bundle) in place of the last `len(top)` layers."""
+        first = len(self.layers) - len(top)
+        for i, layer in enumerate(top):
+            self.layers[first + i] = layer.eval().requires_grad_(False)
+
+    def hidden_below(self, batch: dict[str, torch.Tensor], n_top: int) -> torch.Tensor:
+        """Token states `(n, t, 384)` that enter the last `n_top` layers (cacheable for tuning)."""
+        out = self.model(**batch, output_hidden_states=True)
+        return out.hidden_states[len(self.layers) - n_top]
+
+    @staticmethod
+    def run_top(top: torch.nn.ModuleList, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """`hidden_below` states and the `(n, t)` attention mask → `(n, 384)` mean-pooled output
+        of the layers `top`, not normalized (keeps autograd)."""
+        additive = (1.0 - mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
+        for layer in top:
+            hidden = layer(hidden, additive)
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
     def encode(self, texts: Sequence[str], *, batch_size: int = 64) -> np.ndarray:
         """`(n, 384)` float32, L2-normalized."""
         out = np.empty((len(texts), self.dim), dtype=np.float32)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 from collections.abc import Sequence
@@ -77,6 +78,25 @@ class ImageBackbone(torch.nn.Module):
         """Run `tail` (e.g. tuned weights from a bundle) instead of the packaged one."""
         self.tail_net = tail.eval().requires_grad_(False)
 
+    def fuse_batchnorm(self) -> ImageBackbone:
+        """Fold every BatchNorm into the convolution before it, for inference only (returns self).
+
+        Same features up to float rounding, fewer passes over memory. The tail is folded in a
+        copy, so a tuned tail shared with a bundle's heads keeps its own weights.
+        """
+        net = self.net
+        _fold(net._conv_stem, net._bn0)
+        net._bn0 = torch.nn.Identity()
+        for block in net._blocks[:TRUNK_BLOCKS]:
+            _fold_block(block)
+        tail = copy.deepcopy(self.tail_net)
+        for block in tail.blocks:
+            _fold_block(block)
+        _fold(tail.conv_head, tail.bn1)
+        tail.bn1 = torch.nn.Identity()
+        self.tail_net = tail
+        return self
+
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """`(n, 3, s, s)` → `(n, 1280, s/32, s/32)` final feature map."""
         return self.tail(self.trunk(x))
@@ -101,6 +121,24 @@ class ImageTail(torch.nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.act(self.bn1(self.conv_head(x)))
+
+
+def _fold(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d) -> None:
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    bias = bn.bias - bn.running_mean * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias * scale
+    conv.weight = torch.nn.Parameter(conv.weight * scale[:, None, None, None], requires_grad=False)
+    conv.bias = torch.nn.Parameter(bias.detach(), requires_grad=False)
+
+
+def _fold_block(block: torch.nn.Module) -> None:
+    """Fold an MBConv block's BatchNorms (expand, depthwise, project) into its convolutions."""
+    pairs = [("_expand_conv", "_bn0"), ("_depthwise_conv", "_bn1"), ("_project_conv", "_bn2")]
+    for conv, bn in pairs:
+        if hasattr(block, conv):
+            _fold(getattr(block, conv), getattr(block, bn))
+            setattr(block, bn, torch.nn.Identity())
 
 
 def pool(fmap: torch.Tensor) -> torch.Tensor:

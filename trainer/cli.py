@@ -152,6 +152,18 @@ def eval_command(
     default=1e-4,
     help="Peak learning rate of the tuned image tail.",
 )
+@click.option(
+    "--text-layers",
+    type=click.IntRange(min=0, max=6),
+    default=0,
+    help="Also tune this many top MiniLM layers (on cached token states); 0 keeps it frozen.",
+)
+@click.option(
+    "--text-lr",
+    type=click.FloatRange(min=0, min_open=True),
+    default=2e-5,
+    help="Peak learning rate of the tuned text layers.",
+)
 @click.option("--name", default="xmodal", help="Model name recorded in the bundle.")
 @click.option("--seed", type=int, default=0, help="Seeds data order, initialization and dropout.")
 @click.option(
@@ -170,6 +182,8 @@ def train(
     speech_epochs: int,
     tune_tail: bool,
     tail_lr: float,
+    text_layers: int,
+    text_lr: float,
     name: str,
     seed: int,
     resume: bool,
@@ -190,6 +204,8 @@ def train(
         speech_epochs=speech_epochs,
         tune_tail=tune_tail,
         tail_lr=tail_lr,
+        text_layers=text_layers,
+        text_lr=text_lr,
         name=name,
         seed=seed,
         resume=resume,

@@ -142,6 +142,33 @@ def text_embeddings(texts: Sequence[str], cache_dir: Path, *, tower: str = "mini
     return _cached(cache_dir / f"{key}.npy", compute)
 
 
+def text_hidden(
+    texts: Sequence[str], cache_dir: Path, *, n_top: int, batch_size: int = 256
+) -> tuple[np.ndarray, np.ndarray]:
+    """MiniLM token states entering its last `n_top` layers, cached like `speech_states`:
+    `(total, 384)` float16 rows and `(n + 1,)` offsets, text i owning `offsets[i]:offsets[i + 1]`
+    (its real tokens only, [CLS] and [SEP] included)."""
+    key = cache_key("text-hidden", texts, tower="minilm", n_top=n_top)
+    states_path, offsets_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.offsets.npy"
+    if states_path.exists() and offsets_path.exists():
+        return np.load(states_path), np.load(offsets_path)
+    from engine.text import MiniLMTower
+
+    tower = MiniLMTower()
+    per_text: list[np.ndarray] = []
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(texts), batch_size), desc="text token states"):
+            batch = tower.tokenize(texts[start : start + batch_size])
+            hidden = tower.hidden_below(batch, n_top).numpy().astype(np.float16)
+            for row, n in enumerate(batch["attention_mask"].sum(1).tolist()):
+                per_text.append(hidden[row, :n])
+    offsets = np.concatenate([[0], np.cumsum([len(h) for h in per_text])]).astype(np.int64)
+    states = np.concatenate(per_text) if per_text else np.zeros((0, 384), np.float16)
+    _save_npy(states_path, states)
+    _save_npy(offsets_path, offsets)
+    return states, offsets
+
+
 def speech_states(
     audio_paths: Sequence[str],
     cache_dir: Path,

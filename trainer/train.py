@@ -36,7 +36,13 @@ from engine.model import AlignedModel, build_heads, bundle_fingerprint, load_mod
 from engine.speech import cache_root
 from engine.vision import pool
 from trainer.evaluate import recall_at_k
-from trainer.features import image_features, image_trunks, speech_states, text_embeddings
+from trainer.features import (
+    image_features,
+    image_trunks,
+    speech_states,
+    text_embeddings,
+    text_hidden,
+)
 from trainer.losses import DistillLoss, info_nce
 from trainer.manifest import read_manifest
 
@@ -65,6 +71,8 @@ class TrainConfig:
     fuse_weight: float = 0.3  # share of the parallel branch in the fused speech vector
     tune_tail: bool = False  # also tune the image backbone's tail (last 2 blocks + head conv)
     tail_lr: float = 1e-4  # peak learning rate of the tuned tail
+    text_layers: int = 0  # also tune this many top MiniLM layers (0 = frozen text tower)
+    text_lr: float = 2e-5  # peak learning rate of the tuned text layers
     seed: int = 0  # seeds data order, initialisation and dropout
 
 
@@ -74,8 +82,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _one_cycle(opt: torch.optim.Optimizer, lr: float, steps: int):
-    return torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=max(steps, 1), pct_start=0.1)
+def _one_cycle(opt: torch.optim.Optimizer, lr: float | list[float], steps: int):
+    """One-cycle schedule: 10 % warm-up (at least 2 steps, which short runs need), then decay."""
+    steps = max(steps, 3)
+    return torch.optim.lr_scheduler.OneCycleLR(
+        opt, lr, total_steps=steps, pct_start=max(0.1, 2 / steps)
+    )
 
 
 class _Standardize(torch.nn.Module):
@@ -110,10 +122,16 @@ class ImageData:
     image_feats: torch.Tensor  # (views, n_images, 2560)
     text_vecs: torch.Tensor  # (n_captions, 384)
     trunks: torch.Tensor | None = None  # (views, n_images, 192, 7, 7) float16, to tune the tail
+    text_hidden: tuple[np.ndarray, np.ndarray] | None = None  # token states, to tune text layers
 
 
 def load_image_data(
-    manifest_path: Path, cache_dir: Path, *, views: tuple[str, ...], trunks: bool = False
+    manifest_path: Path,
+    cache_dir: Path,
+    *,
+    views: tuple[str, ...],
+    trunks: bool = False,
+    text_layers: int = 0,
 ) -> ImageData:
     manifest = read_manifest(manifest_path)
     for problem in manifest.problems[:20]:
@@ -131,6 +149,7 @@ def load_image_data(
         trunks=torch.from_numpy(np.stack([image_trunks(images, cache_dir, view=v) for v in views]))
         if trunks
         else None,
+        text_hidden=text_hidden(captions, cache_dir, n_top=text_layers) if text_layers else None,
     )
 
 
@@ -141,7 +160,7 @@ def image_recall(model_fns, data: ImageData, image_ids: list[int]) -> dict[str, 
     caps = [c for c in range(len(data.captions)) if int(data.caption_image[c]) in pos]
     with torch.no_grad():
         zi = img_fn(image_ids).numpy()
-        zt = txt_fn(data.text_vecs[caps]).numpy()
+        zt = txt_fn(torch.as_tensor(caps, dtype=torch.long)).numpy()
     cap_img = [pos[int(data.caption_image[c])] for c in caps]
     t2i = recall_at_k(zt, zi, [{i} for i in cap_img])
     i2t_rel = [set() for _ in image_ids]
@@ -151,6 +170,25 @@ def image_recall(model_fns, data: ImageData, image_ids: list[int]) -> dict[str, 
     return {"text->image": t2i, "image->text": i2t}
 
 
+def text_side(
+    data: ImageData,
+    caps: torch.Tensor,
+    *,
+    text_top: torch.nn.Module | None,
+    text_head: torch.nn.Module | None,
+) -> torch.Tensor:
+    """Text vectors `(n, 384)` of caption ids, as the bundle will compute them: the text tower
+    (through tuned top layers over cached token states, if any), then the adapter; normalized."""
+    if text_top is None:
+        t = data.text_vecs[caps]
+    else:
+        from engine.text import MiniLMTower
+
+        x, lens = _pad_states(*data.text_hidden, caps.numpy())
+        t = F.normalize(MiniLMTower.run_top(text_top, x, lengths_to_mask(lens, x.shape[1])), dim=-1)
+    return F.normalize(text_head(t) if text_head is not None else t, dim=-1)
+
+
 def train_image_stage(data: ImageData, cfg: TrainConfig, model_cfg: ModelConfig):
     """Train the image head (and text adapter); returns the best epoch's heads and the history.
 
@@ -158,8 +196,11 @@ def train_image_stage(data: ImageData, cfg: TrainConfig, model_cfg: ModelConfig)
     """
     heads = {k: h for k, h in build_heads(model_cfg).items() if k != "speech"}
     image_head, text_head, tail = heads["image"], heads.get("text"), heads.get("image_tail")
+    text_top = heads.get("text_top")
     if tail is not None and data.trunks is None:
         raise XmodalError("tuning the image tail needs the trunk features (load_image_data)")
+    if text_top is not None and data.text_hidden is None:
+        raise XmodalError("tuning text layers needs the cached token states (load_image_data)")
     feats = data.image_feats
     std = _Standardize(feats[0].mean(0), feats[0].std(0) + 1e-3)
     rng = np.random.default_rng(cfg.seed)
@@ -178,12 +219,12 @@ def train_image_stage(data: ImageData, cfg: TrainConfig, model_cfg: ModelConfig)
     if tail is not None:
         tail.eval().requires_grad_(True)  # weights learn, BatchNorm statistics stay frozen
         groups.append({"params": list(tail.parameters()), "lr": cfg.tail_lr})
+    if text_top is not None:
+        text_top.eval().requires_grad_(True)  # no dropout: the low learning rate regularizes
+        groups.append({"params": list(text_top.parameters()), "lr": cfg.text_lr})
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     steps_per_epoch = len(train_caps) // cfg.batch_size
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, [g["lr"] for g in groups], total_steps=max(cfg.epochs * steps_per_epoch, 1),
-        pct_start=0.1,
-    )  # fmt: skip
+    sched = _one_cycle(opt, [g["lr"] for g in groups], cfg.epochs * steps_per_epoch)
 
     def features(view, imgs):
         if tail is None:
@@ -193,8 +234,8 @@ def train_image_stage(data: ImageData, cfg: TrainConfig, model_cfg: ModelConfig)
     def img_fn(image_ids):
         return F.normalize(image_head(std(features(0, torch.as_tensor(image_ids)))), dim=-1)
 
-    def txt_fn(t):
-        return F.normalize(text_head(t) if text_head is not None else t, dim=-1)
+    def txt_fn(caps):
+        return text_side(data, caps, text_top=text_top, text_head=text_head)
 
     best, best_score, history = None, -1.0, []
     for epoch in range(cfg.epochs):
@@ -209,7 +250,7 @@ def train_image_stage(data: ImageData, cfg: TrainConfig, model_cfg: ModelConfig)
             view = torch.randint(0, feats.shape[0], (len(caps),))
             zi = F.normalize(image_head(std(features(view, imgs))), dim=-1)
             terms = info_nce(
-                txt_fn(data.text_vecs[caps]), zi,
+                txt_fn(caps), zi,
                 temperature=1 / log_scale.exp().clamp(max=100), group_ids=imgs,
             )  # fmt: skip
             opt.zero_grad()
@@ -312,7 +353,9 @@ def model_config(cfg: TrainConfig, *, name: str, with_speech: bool) -> ModelConf
     )
     return ModelConfig(
         name=name,
-        text=TextTowerConfig(head=text_head if cfg.text_adapter else None),
+        text=TextTowerConfig(
+            head=text_head if cfg.text_adapter else None, tuned_layers=cfg.text_layers
+        ),
         image=ImageTowerConfig(
             head=HeadConfig(
                 in_dim=2560, out_dim=384, hidden_dim=cfg.hidden_dim, dropout=cfg.dropout
@@ -373,8 +416,9 @@ def main(
         history = json.loads((stage_dir / "history.json").read_text())
     else:
         data = load_image_data(
-            Path(manifest), cache_dir, views=("orig", "flip"), trunks=cfg.tune_tail
-        )
+            Path(manifest), cache_dir, views=("orig", "flip"), trunks=cfg.tune_tail,
+            text_layers=cfg.text_layers,
+        )  # fmt: skip
         heads, history = train_image_stage(data, cfg, mcfg)
         stage_cfg = dataclasses.replace(mcfg, speech=SpeechTowerConfig())
         AlignedModel(stage_cfg, heads, fingerprint="stage").save(stage_dir)

@@ -146,3 +146,34 @@ def test_tuned_image_tail_trains_and_round_trips(tmp_path):
     got = loaded.embed_images([img])
     np.testing.assert_allclose(got, expect, atol=1e-5)
     assert np.abs(got - frozen).max() > 1e-3
+
+
+def test_tuned_text_layers_train_and_match_the_bundle(tmp_path):
+    """With `text_layers` the top MiniLM layer learns on cached token states, and the bundle's
+    text path (the full tower with the tuned layer swapped in) gives the vectors training saw."""
+    from trainer.features import text_hidden
+
+    T.seed_everything(0)
+    data = _synthetic(n_images=48, caps_per_image=2)
+    data.text_hidden = text_hidden(data.captions, tmp_path, n_top=1)
+    cfg = T.TrainConfig(
+        epochs=2, batch_size=16, lr=2e-3, hidden_dim=64, val_images=8, text_layers=1, text_lr=1e-3
+    )
+    mcfg = T.model_config(cfg, name="txt", with_speech=False)
+    assert mcfg.text.tuned_layers == 1
+    heads, history = T.train_image_stage(data, cfg, mcfg)
+    assert np.isfinite(history[-1]["loss"])
+    packaged = T.build_heads(mcfg)["text_top"].state_dict()
+    tuned = heads["text_top"].state_dict()
+    assert any(not torch.equal(packaged[k], tuned[k]) for k in packaged)
+
+    caps = torch.arange(6)
+    with torch.no_grad():
+        trained = T.text_side(data, caps, text_top=heads["text_top"], text_head=heads["text"])
+    AlignedModel(mcfg, heads, fingerprint="t").save(tmp_path / "b")
+    loaded = load_model(tmp_path / "b")
+    got = loaded.embed_text(data.captions[:6])
+    np.testing.assert_allclose(got, trained.numpy(), atol=2e-3)  # cache is float16
+    frozen = load_model(tmp_path / "b")
+    frozen.heads.pop("text_top")  # same adapter, packaged layers: must differ
+    assert np.abs(frozen.embed_text(data.captions[:6]) - got).max() > 1e-3
