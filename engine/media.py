@@ -18,6 +18,7 @@ from engine.errors import MediaError
 
 SAMPLE_RATE = 16_000  # Hz, what Whisper expects
 MAX_IMAGE_PIXELS = 64_000_000  # a larger image is treated as a decompression bomb
+ORIENTATION_TAG = 0x0112  # EXIF orientation; 5–8 mean the stored image is turned by 90°
 MAX_AUDIO_SECONDS = 4 * 3600.0  # longer recordings are refused rather than read into memory
 FFMPEG_TIMEOUT = 600  # s, for decoding one file through ffmpeg
 
@@ -33,6 +34,17 @@ def load_image(path: str | Path) -> Image.Image:
     Animated images give their first frame. Raises `MediaError` for a missing, unreadable,
     truncated or corrupt file, and for one over `MAX_IMAGE_PIXELS` (a decompression bomb).
     """
+    return open_image(path)[0]
+
+
+def open_image(
+    path: str | Path, *, min_side: int | None = None
+) -> tuple[Image.Image, tuple[int, int]]:
+    """`load_image`, plus the file's own upright `(width, height)`.
+
+    With `min_side`, a JPEG is decoded at a reduced scale (1/2, 1/4 or 1/8, done inside the
+    decoder, several times faster) as long as both sides stay at least `min_side` pixels.
+    """
     path = Path(path)
     try:
         with warnings.catch_warnings():
@@ -44,10 +56,15 @@ def load_image(path: str | Path) -> Image.Image:
                         f"image is {img.width}x{img.height} pixels, over the limit of "
                         f"{MAX_IMAGE_PIXELS:,} (possible decompression bomb)",
                     )
+                size = img.size
+                if img.getexif().get(ORIENTATION_TAG, 1) in (5, 6, 7, 8):  # turned by 90°
+                    size = size[::-1]
                 img.seek(0)
+                if min_side is not None and img.format == "JPEG":
+                    img.draft("RGB", (min_side, min_side))
                 img.load()
                 upright = ImageOps.exif_transpose(img)
-                return _to_rgb(upright)
+                return _to_rgb(upright), size
     except MediaError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

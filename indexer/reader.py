@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from engine.errors import MediaError
-from engine.media import MAX_AUDIO_SECONDS, SAMPLE_RATE, load_audio, load_image, load_text, resample
+from engine.media import MAX_AUDIO_SECONDS, SAMPLE_RATE, load_audio, load_text, open_image, resample
 from indexer.scan import Work
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,7 @@ SEGMENT_OVERLAP = 5.0  # seconds shared by consecutive windows, so no phrase is 
 MAX_PASSAGE_CHARS = 1_000  # a text note is split into passages of about this length
 MIN_AUDIO_SECONDS = 0.1  # shorter recordings hold nothing to embed
 MAX_IMAGE_SIDE = 1_024  # pixels; larger photos are shrunk before batching (encoders use less)
+DECODE_MIN_SIDE = 256  # pixels; above the image tower's 224 crop, so nothing it sees is lost
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class ReaderConfig:
     max_audio_seconds: float = MAX_AUDIO_SECONDS  # longer recordings are skipped
     passage_chars: int = MAX_PASSAGE_CHARS  # target passage length of text notes
     max_image_side: int = MAX_IMAGE_SIDE  # longest image side kept in memory, pixels
+    decode_min_side: int = DECODE_MIN_SIDE  # JPEGs decode at reduced scale down to this side
 
 
 def read_file(work: Work, config: ReaderConfig = ReaderConfig()) -> Decoded:
@@ -69,8 +71,7 @@ def read_file(work: Work, config: ReaderConfig = ReaderConfig()) -> Decoded:
     if entry.size == 0:
         raise MediaError(entry.path, "empty file (0 bytes)")
     if entry.modality == "image":
-        image = load_image(entry.path)
-        width, height = image.size
+        image, (width, height) = open_image(entry.path, min_side=config.decode_min_side)
         image.thumbnail((config.max_image_side, config.max_image_side))  # keeps aspect ratio
         return Decoded(work, [Segment(image)], width=width, height=height)
     if entry.modality == "text":

@@ -8,7 +8,7 @@ import soundfile as sf
 from PIL import Image
 
 from engine.errors import MediaError
-from engine.media import SAMPLE_RATE, load_audio, load_image, load_text
+from engine.media import SAMPLE_RATE, load_audio, load_image, load_text, open_image
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 
@@ -24,6 +24,27 @@ def test_exif_orientation_is_applied(tmp_path):
     exif[0x0112] = 6  # rotate 90° clockwise on display
     img.save(tmp_path / "rot.jpg", exif=exif)
     assert load_image(tmp_path / "rot.jpg").size == (20, 40)
+
+
+def test_reduced_jpeg_decode_keeps_min_side_and_reports_the_file_size(tmp_path):
+    rng = np.random.default_rng(0)
+    # a smooth gradient plus a little noise: what a photo looks like to the DCT
+    ramp = np.linspace(0, 255, 1200)[None, :, None] * np.ones((900, 1, 3))
+    pixels = np.clip(ramp + rng.normal(0, 8, (900, 1200, 3)), 0, 255).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown portrait
+    Image.fromarray(pixels).save(tmp_path / "big.jpg", quality=90, exif=exif)
+    full, full_size = open_image(tmp_path / "big.jpg")
+    small, size = open_image(tmp_path / "big.jpg", min_side=256)
+    assert full_size == size == (900, 1200) == full.size
+    assert small.size == (450, 600)  # 1/2 scale: 1/4 would leave a side under 256
+    assert open_image(tmp_path / "big.jpg", min_side=200)[0].size == (225, 300)
+    # the reduced decode is the same picture: close to a resize of the full decode
+    ref = np.asarray(full.resize(small.size, Image.Resampling.BOX), dtype=np.float32)
+    assert np.abs(np.asarray(small, dtype=np.float32) - ref).mean() < 4.0
+    png = tmp_path / "big.png"
+    Image.fromarray(pixels).save(png)
+    assert open_image(png, min_side=256)[0].size == (1200, 900)  # only JPEGs are reduced
 
 
 def test_transparent_png_composited_on_white(tmp_path):
