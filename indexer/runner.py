@@ -7,10 +7,13 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,9 +93,10 @@ class _Pipeline:
         self.stats = PipelineStats()
         self.started = time.monotonic()
 
-    def feed(self, work: Work) -> None:
+    def feed(self, work: Work, read: Future[Decoded] | None = None) -> None:
+        """Embed and write `work`; `read` is its decoding, started ahead (else decoded here)."""
         try:
-            decoded = self.reader(work)
+            decoded = read.result() if read is not None else self.reader(work)
         except MediaError as exc:
             self.fail(work, exc.reason)
             return
@@ -188,11 +192,32 @@ def run_pipeline(
 
     with tqdm(total=len(works), unit="file", disable=not progress, desc="indexing") as bar:
         pipe = _Pipeline(reader, mapper, writer, batch_size, bar)
-        for work in works:
-            pipe.feed(work)
+        for work, read in _read_ahead(works, reader, depth=batch_size):
+            pipe.feed(work, read)
         for modality in list(pipe.queues):
             pipe.flush(modality)
     return pipe.stats
+
+
+def _read_ahead(
+    works: Sequence[Work], reader: Reader, *, depth: int
+) -> Iterator[tuple[Work, Future[Decoded]]]:
+    """`(work, its decoding)` in order, decoded by one thread up to `depth` files ahead, so
+    decoding (which releases the GIL) overlaps embedding. At most `depth` decoded files wait."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="xmodal-read") as pool:
+        pending: deque[tuple[Work, Future[Decoded]]] = deque()
+        upcoming = iter(works)
+        for work in itertools.islice(upcoming, depth):
+            pending.append((work, pool.submit(reader, work)))
+        try:
+            while pending:
+                done = pending.popleft()
+                for work in itertools.islice(upcoming, 1):
+                    pending.append((work, pool.submit(reader, work)))
+                yield done
+        finally:  # stopped early (an error while writing): drop what was not started
+            for _, future in pending:
+                future.cancel()
 
 
 def index_folders(

@@ -16,11 +16,11 @@ from click.testing import CliRunner
 from conftest import StubEmbedder, assert_consistent, write_png, write_wav
 
 from engine.cli import main
-from engine.errors import IndexStateError, XmodalError
+from engine.errors import IndexStateError, MediaError, XmodalError
 from engine.store import IndexNotFoundError, Store
 from indexer.mapper import Encoded
 from indexer.reader import Decoded, Segment
-from indexer.runner import index_folders, remove_paths
+from indexer.runner import _read_ahead, index_folders, remove_paths
 from indexer.scan import FileEntry, Work
 from indexer.writer import IndexWriter, ModelInfo, WriterConfig
 
@@ -297,3 +297,29 @@ def test_cli_index_sync_remove_errors(tmp_path, media):
     assert out.exit_code == 0
     out = runner.invoke(main, [*args[:4], "--model", "other:thing"])
     assert out.exit_code == 2 and "cannot load embedder 'other:thing'" in out.output
+
+
+def test_read_ahead_decodes_in_order_and_at_most_depth_ahead():
+    import threading
+
+    started: list[int] = []
+    lock = threading.Lock()
+
+    def reader(work):
+        with lock:
+            started.append(work)
+        if work == 3:
+            raise MediaError(f"/f{work}", "bad file")
+        return f"decoded {work}"
+
+    seen = []
+    for work, read in _read_ahead(list(range(10)), reader, depth=2):
+        read.exception()  # wait for this one
+        with lock:
+            assert len(started) <= work + 3  # this file and at most `depth` more were started
+        if work == 3:
+            assert isinstance(read.exception(), MediaError)
+        else:
+            assert read.result() == f"decoded {work}"
+        seen.append(work)
+    assert seen == list(range(10)) and sorted(started) == list(range(10))
