@@ -154,12 +154,18 @@ class AlignedModel:
             return l2_normalize(self.heads["speech"](x, mask).numpy())
 
     def embed_speech(
-        self, clips: Sequence[np.ndarray], *, branch: str | None = None
+        self,
+        clips: Sequence[np.ndarray],
+        *,
+        branch: str | None = None,
+        transcribe: bool | None = None,
     ) -> SpeechEmbedding:
         """Vectors and transcripts for mono float32 waveforms at 16 kHz.
 
         `branch` overrides the bundle's choice: "cascaded" (transcript → text tower),
         "parallel" (head over Whisper states) or "fused" (their weighted, renormalized sum).
+        The parallel branch needs no transcript and gets none unless `transcribe=True`
+        (decoding costs more than the encoder pass).
         A clip longer than 30 s is embedded per 30 s window and the windows are averaged; a
         silent clip gets an empty transcript and a finite vector (never NaN).
         """
@@ -174,7 +180,9 @@ class AlignedModel:
             for start in range(0, max(len(clip), 1), SPEECH_WINDOW):
                 windows.append(clip[start : start + SPEECH_WINDOW])
                 owner.append(i)
-        vecs, texts = self._embed_windows(windows, branch)
+        if transcribe is None:
+            transcribe = branch != "parallel"
+        vecs, texts = self._embed_windows(windows, branch, transcribe=transcribe)
         out = np.zeros((len(clips), self.dim), dtype=np.float32)
         np.add.at(out, np.array(owner, dtype=int), vecs)
         transcripts = [
@@ -184,14 +192,14 @@ class AlignedModel:
         return SpeechEmbedding(vectors=l2_normalize(out), transcripts=transcripts)
 
     def _embed_windows(
-        self, windows: list[np.ndarray], branch: str
+        self, windows: list[np.ndarray], branch: str, *, transcribe: bool
     ) -> tuple[np.ndarray, list[str]]:
         vecs = np.zeros((len(windows), self.dim), dtype=np.float32)
         texts: list[str] = []
         for start in range(0, len(windows), SPEECH_BATCH):
             batch = windows[start : start + SPEECH_BATCH]
             enc = self.whisper.encode(batch)
-            heard = self.transcribe(enc)
+            heard = self.transcribe(enc) if transcribe else [""] * len(batch)
             texts += heard
             rows = slice(start, start + len(batch))
             vecs[rows] = self.combine_speech(heard, enc.states, enc.lengths, branch)

@@ -67,6 +67,11 @@ def test_speech_transcript_and_branches(model):
     clip = load_audio(FIXTURES / "dog_on_beach.wav")
     out = {b: model.embed_speech([clip], branch=b) for b in ("cascaded", "parallel", "fused")}
     assert "dog" in out["cascaded"].transcripts[0].lower()
+    assert out["fused"].transcripts == out["cascaded"].transcripts
+    assert out["parallel"].transcripts == [""]  # not decoded: the branch does not need it
+    heard = model.embed_speech([clip], branch="parallel", transcribe=True)
+    assert heard.transcripts == out["cascaded"].transcripts
+    np.testing.assert_array_equal(heard.vectors, out["parallel"].vectors)
     for emb in out.values():
         _unit_rows(emb.vectors, 1, model.dim)
     np.testing.assert_allclose(
