@@ -28,7 +28,7 @@ SEGMENT_OVERLAP = 5.0  # seconds shared by consecutive windows, so no phrase is 
 MAX_PASSAGE_CHARS = 1_000  # a text note is split into passages of about this length
 MIN_AUDIO_SECONDS = 0.1  # shorter recordings hold nothing to embed
 MAX_IMAGE_SIDE = 1_024  # pixels; larger photos are shrunk before batching (encoders use less)
-DECODE_MIN_SIDE = 256  # pixels; above the image tower's 224 crop, so nothing it sees is lost
+DECODE_MIN_SIDE = 224  # pixels; the image tower resizes the shorter side to 224 anyway
 
 
 @dataclass(frozen=True)
