@@ -1,7 +1,7 @@
 """A BERT encoder in plain torch, for all-MiniLM-L6-v2: no transformers import on the query path.
 
 Importing transformers and building its model took ~1.5–2.5 s of every cold `xmodal search`;
-this is the same network in ~100 lines. Parameter names follow transformers' `BertModel`, so
+this is the same network in plain torch. Parameter names follow transformers' `BertModel`, so
 the packaged `model.safetensors` and tuned layers saved from either implementation load as is.
 Tokenization uses the model's own `tokenizer.json` through `tokenizers`.
 """

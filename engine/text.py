@@ -71,7 +71,6 @@ class MiniLMTower:
         additive = additive_mask(mask, hidden.dtype)
         for layer in top:
             hidden = layer(hidden, additive)
-            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
         return _mean_pool(hidden, mask)
 
     def encode(self, texts: Sequence[str], *, batch_size: int = 64) -> np.ndarray:

@@ -47,6 +47,27 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+def _cached_ragged(
+    cache_dir: Path,
+    key: str,
+    compute: Callable[[], list[np.ndarray]],
+    *,
+    width: int,
+    mmap: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-item `(rows_i, width)` arrays, cached as one `(total, width)` array and `(n + 1,)`
+    int64 offsets, item i owning rows `offsets[i]:offsets[i + 1]`. `compute` runs on a miss."""
+    states_path, offsets_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.offsets.npy"
+    if states_path.exists() and offsets_path.exists():
+        return np.load(states_path, mmap_mode="r" if mmap else None), np.load(offsets_path)
+    per_item = compute()
+    offsets = np.concatenate([[0], np.cumsum([len(a) for a in per_item])]).astype(np.int64)
+    states = np.concatenate(per_item) if per_item else np.zeros((0, width), np.float16)
+    _save_npy(states_path, states)
+    _save_npy(offsets_path, offsets)
+    return states, offsets
+
+
 def _view(img: Image.Image, view: str) -> Image.Image:
     if view == "orig":
         return img
@@ -105,13 +126,13 @@ def image_features(
     (`engine.vision.ImageTail`) is run on the cached trunks every call. Unreadable images get a
     zero row (see `image_trunks`).
     """
-    from engine.vision import ImageBackbone, pool
+    from engine.vision import FEATURE_CHANNELS, ImageBackbone, pool
 
     trunks = image_trunks(paths, cache_dir, view=view)
 
     def compute() -> np.ndarray:
         run = tail if tail is not None else ImageBackbone().tail_net
-        out = np.zeros((len(paths), 2 * 1280), dtype=np.float16)
+        out = np.zeros((len(paths), 2 * FEATURE_CHANNELS), dtype=np.float16)
         with torch.inference_mode():
             for start in range(0, len(paths), batch_size):
                 x = torch.from_numpy(trunks[start : start + batch_size].astype(np.float32))
@@ -149,24 +170,21 @@ def text_hidden(
     `(total, 384)` float16 rows and `(n + 1,)` offsets, text i owning `offsets[i]:offsets[i + 1]`
     (its real tokens only, [CLS] and [SEP] included)."""
     key = cache_key("text-hidden", texts, tower="minilm", n_top=n_top)
-    states_path, offsets_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.offsets.npy"
-    if states_path.exists() and offsets_path.exists():
-        return np.load(states_path), np.load(offsets_path)
-    from engine.text import MiniLMTower
 
-    tower = MiniLMTower()
-    per_text: list[np.ndarray] = []
-    with torch.inference_mode():
-        for start in tqdm(range(0, len(texts), batch_size), desc="text token states"):
-            batch = tower.tokenize(texts[start : start + batch_size])
-            hidden = tower.hidden_below(batch, n_top).numpy().astype(np.float16)
-            for row, n in enumerate(batch["attention_mask"].sum(1).tolist()):
-                per_text.append(hidden[row, :n])
-    offsets = np.concatenate([[0], np.cumsum([len(h) for h in per_text])]).astype(np.int64)
-    states = np.concatenate(per_text) if per_text else np.zeros((0, 384), np.float16)
-    _save_npy(states_path, states)
-    _save_npy(offsets_path, offsets)
-    return states, offsets
+    def compute() -> list[np.ndarray]:
+        from engine.text import MiniLMTower
+
+        tower = MiniLMTower()
+        per_text: list[np.ndarray] = []
+        with torch.inference_mode():
+            for start in tqdm(range(0, len(texts), batch_size), desc="text token states"):
+                batch = tower.tokenize(texts[start : start + batch_size])
+                hidden = tower.hidden_below(batch, n_top).numpy().astype(np.float16)
+                for row, n in enumerate(batch["attention_mask"].sum(1).tolist()):
+                    per_text.append(hidden[row, :n])
+        return per_text
+
+    return _cached_ragged(cache_dir, key, compute, width=384)
 
 
 def speech_states(
@@ -185,27 +203,24 @@ def speech_states(
     from engine.media import load_audio
 
     key = cache_key("speech", audio_paths, encoder="whisper-base-ct2-int8", min_frames=1000)
-    states_path, offsets_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.offsets.npy"
-    if states_path.exists() and offsets_path.exists():
-        return np.load(states_path, mmap_mode="r"), np.load(offsets_path)
-    model = whisper()
-    clips: list[np.ndarray] = []
-    for p in tqdm(audio_paths, desc="decoding speech"):
-        try:
-            clips.append(load_audio(p))
-        except MediaError as exc:
-            log.warning("skipping %s", exc)
-            clips.append(np.zeros(0, np.float32))
-    per_clip: list[np.ndarray] = [np.zeros((1, 512), np.float16)] * len(clips)
-    order = np.argsort([len(c) for c in clips])
-    for start in tqdm(range(0, len(order), batch_size), desc="whisper encoder states"):
-        idx = order[start : start + batch_size]
-        enc = model.encode([clips[i] for i in idx])
-        for row, i in enumerate(idx):
-            if clips[i].size:
-                per_clip[i] = enc.states[row, : max(1, enc.lengths[row])].astype(np.float16)
-    offsets = np.concatenate([[0], np.cumsum([len(s) for s in per_clip])]).astype(np.int64)
-    states = np.concatenate(per_clip)
-    _save_npy(states_path, states)
-    _save_npy(offsets_path, offsets)
-    return states, offsets
+
+    def compute() -> list[np.ndarray]:
+        model = whisper()
+        clips: list[np.ndarray] = []
+        for p in tqdm(audio_paths, desc="decoding speech"):
+            try:
+                clips.append(load_audio(p))
+            except MediaError as exc:
+                log.warning("skipping %s", exc)
+                clips.append(np.zeros(0, np.float32))
+        per_clip: list[np.ndarray] = [np.zeros((1, 512), np.float16)] * len(clips)
+        order = np.argsort([len(c) for c in clips])
+        for start in tqdm(range(0, len(order), batch_size), desc="whisper encoder states"):
+            idx = order[start : start + batch_size]
+            enc = model.encode([clips[i] for i in idx])
+            for row, i in enumerate(idx):
+                if clips[i].size:
+                    per_clip[i] = enc.states[row, : max(1, enc.lengths[row])].astype(np.float16)
+        return per_clip
+
+    return _cached_ragged(cache_dir, key, compute, width=512, mmap=True)
