@@ -71,6 +71,7 @@ class SpeechTowerConfig:
     fuse_weight: float = 0.5  # share of the parallel vector in the fused one
     head: SpeechHeadConfig | None = None  # the parallel branch; None means cascaded only
     beam_size: int = 5  # Whisper beam search width for transcripts (1 = greedy, fastest)
+    hypotheses: int = 1  # Whisper's n-best transcripts averaged into the cascaded vector
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,11 @@ class ModelConfig:
             )
         if not 1 <= self.speech.beam_size <= 16:
             raise ModelError(f"speech.beam_size must be 1..16, not {self.speech.beam_size}")
+        if not 1 <= self.speech.hypotheses <= self.speech.beam_size:
+            raise ModelError(
+                f"speech.hypotheses must be 1..beam_size ({self.speech.beam_size}), "
+                f"not {self.speech.hypotheses}"
+            )
         if self.speech.branch != "cascaded" and self.speech.head is None:
             raise ModelError(f"speech branch {self.speech.branch!r} needs a speech head")
         if self.version != BUNDLE_VERSION:

@@ -199,28 +199,35 @@ class AlignedModel:
         for start in range(0, len(windows), SPEECH_BATCH):
             batch = windows[start : start + SPEECH_BATCH]
             enc = self.whisper.encode(batch)
-            heard = self.transcribe(enc) if transcribe else [""] * len(batch)
-            texts += heard
+            heard = self.hypotheses(enc) if transcribe else [[] for _ in batch]
+            texts += [h[0] if h else "" for h in heard]
             rows = slice(start, start + len(batch))
             vecs[rows] = self.combine_speech(heard, enc.states, enc.lengths, branch)
         return vecs, texts
 
-    def transcribe(self, encoded) -> list[str]:
-        """Transcripts of `Whisper.encode` output, with this bundle's beam size."""
-        return self.whisper.transcribe(encoded, beam_size=self.config.speech.beam_size)
+    def hypotheses(self, encoded) -> list[list[str]]:
+        """Transcripts of `Whisper.encode` output with this bundle's beam size: its n-best
+        (`speech.hypotheses`), most likely first; an empty list where no speech was heard."""
+        speech = self.config.speech
+        return self.whisper.hypotheses(encoded, beam_size=speech.beam_size, count=speech.hypotheses)
 
     def combine_speech(
         self,
-        transcripts: list[str],
+        hypotheses: Sequence[Sequence[str]],
         states: np.ndarray | None,
         lengths: np.ndarray | None,
         branch: str,
     ) -> np.ndarray:
-        """One branch's `(n, dim)` speech vectors from transcripts and encoder states."""
-        cascaded = np.zeros((len(transcripts), self.dim), dtype=np.float32)
-        heard = [i for i, t in enumerate(transcripts) if t.strip()]
-        if heard:
-            cascaded[heard] = self._text_vectors([transcripts[i] for i in heard])
+        """One branch's `(n, dim)` speech vectors from each clip's transcripts (`hypotheses`)
+        and encoder states. The cascaded vector is the mean of the transcripts' text vectors,
+        renormalized: averaging Whisper's n-best softens a misheard word."""
+        cascaded = np.zeros((len(hypotheses), self.dim), dtype=np.float32)
+        heard = [[t for t in h if t.strip()] for h in hypotheses]
+        flat = [t for h in heard for t in h]
+        if flat:
+            owner = np.repeat(np.arange(len(heard)), [len(h) for h in heard])
+            np.add.at(cascaded, owner, self._text_vectors(flat))
+        cascaded = l2_normalize(cascaded)
         if branch == "cascaded":
             return cascaded
         parallel = self.embed_speech_states(states, lengths)
@@ -231,7 +238,6 @@ class AlignedModel:
         weight = np.where(np.linalg.norm(cascaded, axis=1, keepdims=True) > 0, w, 1.0)
         return l2_normalize(weight * parallel + (1.0 - weight) * cascaded)
 
-    # -- bundles -------------------------------------------------------------------------------
     def save(self, bundle_dir: str | Path) -> None:
         """Write `config.json` and `heads.safetensors` (trained parts only)."""
         from safetensors.torch import save_file

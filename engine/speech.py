@@ -93,7 +93,8 @@ class EncodedSpeech:
 
 
 class Whisper:
-    """Whisper base on the CPU: `encode()` for encoder states, `transcribe()` for text."""
+    """Whisper base on the CPU: `encode()` for encoder states, `transcribe()`/`hypotheses()` for
+    text."""
 
     def __init__(self, model_dir: str | Path | None = None, *, threads: int | None = None) -> None:
         import ctranslate2
@@ -146,20 +147,31 @@ class Whisper:
     def transcribe(self, encoded: EncodedSpeech, *, beam_size: int = 1) -> list[str]:
         """English transcripts (greedy with `beam_size=1`, else beam search); "" for silence and
         clips Whisper hears no speech in."""
+        return [h[0] if h else "" for h in self.hypotheses(encoded, beam_size=beam_size)]
+
+    def hypotheses(
+        self, encoded: EncodedSpeech, *, beam_size: int = 1, count: int = 1
+    ) -> list[list[str]]:
+        """Up to `count` transcripts per clip, the most likely first (beam search's n-best,
+        `count` ≤ `beam_size`); an empty list for silence and clips Whisper hears no speech in."""
         import ctranslate2
 
+        if not 1 <= count <= beam_size:
+            raise ModelError(f"count must be 1..beam_size ({beam_size}), not {count}")
         results = self.model.generate(
             ctranslate2.StorageView.from_array(encoded.states),
             [self.prompt] * len(encoded.states),
             beam_size=beam_size,
+            num_hypotheses=count,
             max_length=self._max_tokens(encoded),
             return_no_speech_prob=True,
             suppress_blank=True,
         )
-        texts = []
+        out: list[list[str]] = []
         for res, silent in zip(results, encoded.silent, strict=True):
             if silent or res.no_speech_prob > NO_SPEECH_THRESHOLD:
-                texts.append("")
-            else:
-                texts.append(self.tokenizer.decode(res.sequences_ids[0]).strip())
-        return texts
+                out.append([])
+                continue
+            texts = [self.tokenizer.decode(ids).strip() for ids in res.sequences_ids]
+            out.append([t for t in texts if t])
+        return out

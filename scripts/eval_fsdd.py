@@ -46,9 +46,9 @@ def main() -> None:
     for start in range(0, len(clips), 16):
         batch = clips[start : start + 16]
         enc = model.whisper.encode(batch)
-        enc_all.append((model.transcribe(enc), enc))
+        enc_all.append((model.hypotheses(enc), enc))
     print(f"{len(files)} recordings of {sorted(speakers)}, model {args.model}")
-    heard = [t for texts, _ in enc_all for t in texts]
+    heard = [h[0] if h else "" for hyps, _ in enc_all for h in hyps]
     asr = np.mean([transcript_names_digit(t, d) for t, d in zip(heard, digits, strict=True)])
     print(f"transcript names the digit: {100 * asr:.1f} %")
     branches = ("cascaded", "parallel", "fused") if "speech" in model.heads else ("cascaded",)

@@ -164,6 +164,13 @@ def eval_command(
     default=2e-5,
     help="Peak learning rate of the tuned text layers.",
 )
+@click.option(
+    "--hypotheses",
+    type=click.IntRange(min=1, max=5),
+    default=3,
+    help="Whisper transcripts per clip (beam search's n-best) averaged into the cascaded speech "
+    "vector; a setting of the bundle, not of training.",
+)
 @click.option("--name", default="xmodal", help="Model name recorded in the bundle.")
 @click.option("--seed", type=int, default=0, help="Seeds data order, initialization and dropout.")
 @click.option(
@@ -184,6 +191,7 @@ def train(
     tail_lr: float,
     text_layers: int,
     text_lr: float,
+    hypotheses: int,
     name: str,
     seed: int,
     resume: bool,
@@ -206,6 +214,7 @@ def train(
         tail_lr=tail_lr,
         text_layers=text_layers,
         text_lr=text_lr,
+        hypotheses=hypotheses,
         name=name,
         seed=seed,
         resume=resume,

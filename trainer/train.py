@@ -69,6 +69,7 @@ class TrainConfig:
     beta: float = 1.0  # weight of the KD (alignment) term
     lam: float = 1.0  # λ, weight of the KL inside the alignment term
     fuse_weight: float = 0.3  # share of the parallel branch in the fused speech vector
+    hypotheses: int = 3  # Whisper n-best transcripts the cascaded branch averages (bundle setting)
     tune_tail: bool = False  # also tune the image backbone's tail (last 2 blocks + head conv)
     tail_lr: float = 1e-4  # peak learning rate of the tuned tail
     text_layers: int = 0  # also tune this many top MiniLM layers (0 = frozen text tower)
@@ -366,6 +367,7 @@ def model_config(cfg: TrainConfig, *, name: str, with_speech: bool) -> ModelConf
             branch="fused" if with_speech else "cascaded",
             fuse_weight=cfg.fuse_weight,
             head=SpeechHeadConfig() if with_speech else None,
+            hypotheses=cfg.hypotheses,
         ),
     )
 

@@ -31,6 +31,7 @@ def test_round_trip(tmp_path):
         ({"speech": {"branch": "fused"}}, "needs a speech head"),
         ({"speech": {"branch": "psychic"}}, "unknown speech branch"),
         ({"speech": {"beam_size": 0}}, "beam_size"),
+        ({"speech": {"beam_size": 2, "hypotheses": 3}}, "hypotheses must be 1..beam_size"),
         ({"version": 99}, "not supported"),
         ({"image": {"head": {"in_dim": 3}}}, "malformed"),
     ],

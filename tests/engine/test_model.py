@@ -81,16 +81,35 @@ def test_speech_transcript_and_branches(model):
 
 def test_transcripts_use_the_bundles_beam_size(model, monkeypatch):
     seen = []
-    real = model.whisper.transcribe
+    real = model.whisper.hypotheses
 
-    def spy(encoded, *, beam_size=1):
-        seen.append(beam_size)
-        return real(encoded, beam_size=beam_size)
+    def spy(encoded, *, beam_size=1, count=1):
+        seen.append((beam_size, count))
+        return real(encoded, beam_size=beam_size, count=count)
 
-    monkeypatch.setattr(model.whisper, "transcribe", spy)
+    monkeypatch.setattr(model.whisper, "hypotheses", spy)
     clip = load_audio(FIXTURES / "dog_on_beach.wav")
     assert "dog" in model.embed_speech([clip], branch="cascaded").transcripts[0].lower()
-    assert seen == [model.config.speech.beam_size] and seen[0] > 1
+    speech = model.config.speech
+    assert seen == [(speech.beam_size, speech.hypotheses)] and speech.beam_size > 1
+
+
+def test_cascaded_vector_averages_the_n_best(bundle, model, tmp_path):
+    import dataclasses
+
+    cfg = ModelConfig.load(bundle)
+    cfg = dataclasses.replace(cfg, speech=dataclasses.replace(cfg.speech, hypotheses=3))
+    nbest = AlignedModel(cfg, model.heads, fingerprint="x")
+    nbest.whisper = model.whisper  # share the loaded Whisper
+    clip = load_audio(FIXTURES / "dog_on_beach.wav")
+    hyps = nbest.hypotheses(nbest.whisper.encode([clip]))[0]
+    assert 1 < len(hyps) <= 3 and len(set(hyps)) == len(hyps)
+    assert hyps[0] == model.whisper.transcribe(nbest.whisper.encode([clip]), beam_size=5)[0]
+    out = nbest.embed_speech([clip], branch="cascaded")
+    assert out.transcripts == [hyps[0]]  # what users see is the most likely transcript
+    mean = nbest.embed_text(hyps).sum(axis=0, keepdims=True)
+    np.testing.assert_allclose(out.vectors, mean / np.linalg.norm(mean), atol=1e-5)
+    assert not np.allclose(out.vectors, nbest.embed_text(hyps[:1]), atol=1e-4)
 
 
 def test_silent_and_tiny_clips_are_finite(model):

@@ -346,11 +346,11 @@ class SharedEncoderStub(StubEmbedder):
         super().__init__()
         self.whisper = self._Whisper(self.calls)
 
-    def transcribe(self, encoded):
-        return ["red" if n == CLIP_SAMPLES["red"] else "green" for n in encoded.states]
+    def hypotheses(self, encoded):
+        return [["red" if n == CLIP_SAMPLES["red"] else "green"] for n in encoded.states]
 
-    def combine_speech(self, transcripts, states, lengths, branch):
-        cascaded = self.embed_text(transcripts)
+    def combine_speech(self, hypotheses, states, lengths, branch):
+        cascaded = self.embed_text([h[0] for h in hypotheses])
         return cascaded if branch == "cascaded" else 2.0 * cascaded[:, ::-1]
 
 
