@@ -268,17 +268,23 @@ def head_names(config: ModelConfig) -> list[str]:
     )
 
 
-def build_heads(config: ModelConfig) -> dict[str, torch.nn.Module]:
-    """Freshly initialised heads with the shapes the config names."""
+def build_heads(config: ModelConfig, *, pretrained: bool = True) -> dict[str, torch.nn.Module]:
+    """Heads with the shapes the config names. Tuned backbone parts (image tail, text top
+    layers) start as copies of the packaged weights; with `pretrained=False` they get their
+    shapes only (nothing read), for loading a bundle's weights over them."""
 
     def image_tail() -> torch.nn.Module:
-        from engine.vision import ImageBackbone
+        from engine.vision import ImageBackbone, tail_shapes
 
+        if not pretrained:
+            return tail_shapes(config.image.backbone)
         return copy.deepcopy(ImageBackbone(config.image.backbone).tail_net)
 
     def text_top() -> torch.nn.Module:
-        from engine.text import load_text_tower
+        from engine.text import load_text_tower, minilm_layer_shapes
 
+        if not pretrained:
+            return minilm_layer_shapes(config.text.tuned_layers)
         tower = load_text_tower(config.text.tower)
         return copy.deepcopy(tower.layers[len(tower.layers) - config.text.tuned_layers :])
 
@@ -307,7 +313,7 @@ def load_model(name_or_path: str | Path = DEFAULT_MODEL) -> AlignedModel:
 
     bundle_dir = resolve_model(name_or_path)
     config = ModelConfig.load(bundle_dir)
-    heads = build_heads(config)
+    heads = build_heads(config, pretrained=False)
     try:
         tensors = load_file(str(bundle_dir / WEIGHTS_FILE))
     except FileNotFoundError as exc:

