@@ -1,4 +1,4 @@
-"""Trainer commands of the `xmodal` CLI: `eval`, `train` and `speech-corpus`.
+"""Trainer commands of the `xmodal` CLI: `eval`, `train`, `speech-corpus` and `asr-captions`.
 
 Each command is a thin wrapper over a Python function with the same parameter names. They
 register through the `xmodal.commands` entry points (setup.cfg), and `engine.cli` imports this
@@ -117,6 +117,14 @@ def eval_command(
     "repeatable (synthesized captions, real recordings). None: a cascaded-only model.",
 )
 @click.option(
+    "--extra-manifest",
+    "extra_manifests",
+    type=MANIFEST,
+    multiple=True,
+    help="More caption rows for the image stage, about MANIFEST's photos or others; repeatable "
+    "(e.g. `xmodal asr-captions` output, so the text side learns Whisper's mistakes).",
+)
+@click.option(
     "--cache-dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
@@ -181,6 +189,7 @@ def train(
     dev: Path | None,
     out_dir: Path,
     speech_manifests: tuple[Path, ...],
+    extra_manifests: tuple[Path, ...],
     cache_dir: Path | None,
     epochs: int,
     batch_size: int,
@@ -204,6 +213,7 @@ def train(
         dev=dev,
         out_dir=out_dir,
         speech_manifests=speech_manifests,
+        extra_manifests=extra_manifests,
         cache_dir=cache_dir,
         epochs=epochs,
         batch_size=batch_size,
@@ -263,4 +273,22 @@ def speech_corpus(
     click.echo(
         f"{report.manifest}: {report.clips} clips ({report.written} new, {report.skipped} "
         f"already there, {report.failed} failed); voices: {report.voices}"
+    )
+
+
+@click.command("asr-captions", context_settings=SETTINGS)
+@click.argument("manifest", type=MANIFEST)
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--model", default="default", help="Model bundle whose Whisper settings are used.")
+def asr_captions(manifest: Path, out: Path, model: str) -> None:
+    """Write OUT: MANIFEST's spoken captions as Whisper hears them (image, transcript, audio).
+
+    Give OUT to `xmodal train --extra-manifest` so the text side learns Whisper's mistakes.
+    """
+    from trainer.asr import asr_captions as run
+
+    report = run(manifest, out, model=model)
+    click.echo(
+        f"{report.manifest}: {report.rows} transcripts ({report.unheard} clips without speech, "
+        f"{report.failed} unreadable)"
     )

@@ -48,6 +48,8 @@ from trainer.manifest import read_manifest
 
 log = logging.getLogger(__name__)
 
+STAGE_DATA = "manifests.json"  # beside a finished image stage: the manifests it was trained on
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -133,18 +135,25 @@ def load_image_data(
     views: tuple[str, ...],
     trunks: bool = False,
     text_layers: int = 0,
+    extra: tuple[Path, ...] = (),
 ) -> ImageData:
-    manifest = read_manifest(manifest_path)
-    for problem in manifest.problems[:20]:
-        log.warning("%s: %s", manifest_path, problem)
-    images = [str(p) for p in manifest.images]
+    """The caption–image pairs of `manifest_path` and of the `extra` manifests (more captions,
+    e.g. transcripts from `xmodal asr-captions`), with cached features. Images are ordered by
+    first appearance, so extra rows about the same photos keep the feature caches valid."""
+    rows = []
+    for path in (manifest_path, *extra):
+        manifest = read_manifest(path)
+        for problem in manifest.problems[:20]:
+            log.warning("%s: %s", path, problem)
+        rows += manifest.rows
+    images = list(dict.fromkeys(str(row.image) for row in rows))
     index = {p: i for i, p in enumerate(images)}
-    captions = [row.caption for row in manifest.rows]
+    captions = [row.caption for row in rows]
     feats = np.stack([image_features(images, cache_dir, view=v) for v in views]).astype(np.float32)
     return ImageData(
         images=images,
         captions=captions,
-        caption_image=torch.tensor([index[str(row.image)] for row in manifest.rows]),
+        caption_image=torch.tensor([index[str(row.image)] for row in rows]),
         image_feats=torch.from_numpy(feats),
         text_vecs=torch.from_numpy(text_embeddings(captions, cache_dir)),
         trunks=torch.from_numpy(np.stack([image_trunks(images, cache_dir, view=v) for v in views]))
@@ -372,8 +381,9 @@ def model_config(cfg: TrainConfig, *, name: str, with_speech: bool) -> ModelConf
     )
 
 
-def _stage_matches(stage_dir: Path, mcfg: ModelConfig) -> bool:
-    """Whether a finished image stage in `stage_dir` has the heads this run would train."""
+def _stage_matches(stage_dir: Path, mcfg: ModelConfig, manifests: list[str] | None = None) -> bool:
+    """Whether a finished image stage in `stage_dir` has the heads this run would train (and,
+    given `manifests`, was trained on those manifests)."""
     if not (stage_dir / "heads.safetensors").exists():
         return False
     saved = ModelConfig.load(stage_dir)
@@ -381,6 +391,12 @@ def _stage_matches(stage_dir: Path, mcfg: ModelConfig) -> bool:
         log.warning(
             "%s was trained with other head settings; training the image stage again", stage_dir
         )
+        return False
+    data_file = stage_dir / STAGE_DATA
+    if manifests is not None and (
+        not data_file.exists() or json.loads(data_file.read_text()) != manifests
+    ):
+        log.warning("%s was trained on other manifests; training the image stage again", stage_dir)
         return False
     return True
 
@@ -391,6 +407,7 @@ def main(
     out_dir: Path,
     dev: Path | None = None,
     speech_manifests: tuple[Path, ...] = (),
+    extra_manifests: tuple[Path, ...] = (),
     cache_dir: Path | None = None,
     name: str = "xmodal",
     resume: bool = True,
@@ -400,6 +417,7 @@ def main(
 
     `speech_manifests` are TSVs with `audio` and `caption` columns (synthesized captions, real
     recordings) for the parallel speech head; without any, the model is cascaded-only.
+    `extra_manifests` add caption rows to the image stage (e.g. `xmodal asr-captions` output).
     `overrides` set `TrainConfig` fields (e.g. `epochs=3`). With `dev`, the finished model is
     evaluated there and the table is written to `out_dir/dev_eval.json`. With `resume`, a
     finished image stage in `out_dir/image_stage` is reused (the features are cached anyway).
@@ -412,19 +430,21 @@ def main(
     with_speech = bool(speech_manifests)
     mcfg = model_config(cfg, name=name, with_speech=with_speech)
     stage_dir = out_dir / "image_stage"
-    if resume and _stage_matches(stage_dir, mcfg):
+    manifests = [str(Path(p).resolve()) for p in (manifest, *extra_manifests)]
+    if resume and _stage_matches(stage_dir, mcfg, manifests):
         log.info("resuming: image stage loaded from %s", stage_dir)
         heads = dict(load_model(stage_dir).heads)
         history = json.loads((stage_dir / "history.json").read_text())
     else:
         data = load_image_data(
             Path(manifest), cache_dir, views=("orig", "flip"), trunks=cfg.tune_tail,
-            text_layers=cfg.text_layers,
+            text_layers=cfg.text_layers, extra=tuple(Path(p) for p in extra_manifests),
         )  # fmt: skip
         heads, history = train_image_stage(data, cfg, mcfg)
         stage_cfg = dataclasses.replace(mcfg, speech=SpeechTowerConfig())
         AlignedModel(stage_cfg, heads, fingerprint="stage").save(stage_dir)
         (stage_dir / "history.json").write_text(json.dumps(history, indent=2) + "\n")
+        (stage_dir / STAGE_DATA).write_text(json.dumps(manifests, indent=2) + "\n")
     if with_speech:
         heads["speech"] = build_heads(mcfg)["speech"]
     model = AlignedModel(mcfg, heads, fingerprint="training")
