@@ -27,6 +27,7 @@ from engine.media import SAMPLE_RATE
 log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "heads.safetensors"
+HALF_MAX = 65504.0  # largest finite float16
 DEFAULT_MODEL = "default"
 MODELS_DIR = Path(__file__).resolve().parents[1] / "data" / "models"  # bundles shipped in data/
 SPEECH_WINDOW = 30 * SAMPLE_RATE  # samples; longer clips are embedded window by window
@@ -250,11 +251,32 @@ class AlignedModel:
                 f"heads {sorted(self.heads)} do not match the config's {head_names(self.config)}"
             )
         tensors = {
-            f"{name}.{k}": v.detach().contiguous()
+            f"{name}.{k}": _compact(v.detach().contiguous())
             for name, head in self.heads.items()
             for k, v in head.state_dict().items()
         }
         save_file(tensors, str(bundle_dir / WEIGHTS_FILE))
+
+
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """float16 where that loses nothing (weights rounded by `round_to_half`), else `t` itself:
+    loading copies either into float32 parameters, so a saved bundle loads identical."""
+    if t.dtype == torch.float32:
+        half = t.half()
+        if torch.equal(half.float(), t):
+            return half
+    return t
+
+
+def round_to_half(heads: dict[str, torch.nn.Module]) -> None:
+    """Round every parameter of `heads` to float16 precision, in place (kept as float32), so
+    that `AlignedModel.save` stores them in half the bytes. Buffers (BatchNorm statistics) keep
+    full precision."""
+    with torch.no_grad():
+        for head in heads.values():
+            for param in head.parameters():
+                if param.dtype == torch.float32 and param.abs().max() < HALF_MAX:
+                    param.copy_(param.half().float())
 
 
 def head_names(config: ModelConfig) -> list[str]:

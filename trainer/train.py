@@ -32,7 +32,13 @@ from engine.config import (
 )
 from engine.errors import XmodalError
 from engine.heads import lengths_to_mask
-from engine.model import AlignedModel, build_heads, bundle_fingerprint, load_model
+from engine.model import (
+    AlignedModel,
+    build_heads,
+    bundle_fingerprint,
+    load_model,
+    round_to_half,
+)
 from engine.speech import cache_root
 from engine.vision import pool
 from trainer.evaluate import recall_at_k
@@ -421,6 +427,8 @@ def main(
     `overrides` set `TrainConfig` fields (e.g. `epochs=3`). With `dev`, the finished model is
     evaluated there and the table is written to `out_dir/dev_eval.json`. With `resume`, a
     finished image stage in `out_dir/image_stage` is reused (the features are cached anyway).
+    Trained weights are rounded to float16 precision after each stage (`round_to_half`), so the
+    bundle stores them in half the bytes and evaluation sees exactly what is shipped.
     """
     cfg = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
     seed_everything(cfg.seed)
@@ -441,6 +449,7 @@ def main(
             text_layers=cfg.text_layers, extra=tuple(Path(p) for p in extra_manifests),
         )  # fmt: skip
         heads, history = train_image_stage(data, cfg, mcfg)
+        round_to_half(heads)  # half the bundle's bytes; the speech stage learns on these
         stage_cfg = dataclasses.replace(mcfg, speech=SpeechTowerConfig())
         AlignedModel(stage_cfg, heads, fingerprint="stage").save(stage_dir)
         (stage_dir / "history.json").write_text(json.dumps(history, indent=2) + "\n")
@@ -456,6 +465,7 @@ def main(
             audios += a
             captions += c
         speech_history = train_speech_stage(audios, captions, model, cfg, cache_dir)
+        round_to_half({"speech": heads["speech"]})
     model.save(out_dir)
     (out_dir / "train_config.json").write_text(
         json.dumps(

@@ -63,6 +63,32 @@ def test_bundle_round_trip_identical(bundle, model, tmp_path):
     assert load_model(tmp_path).fingerprint == model.fingerprint
 
 
+def test_half_rounded_weights_are_stored_in_half_the_bytes(bundle, tmp_path):
+    from safetensors.torch import load_file
+
+    from engine.model import WEIGHTS_FILE, round_to_half
+
+    model = load_model(bundle)
+    round_to_half(model.heads)
+    model.save(tmp_path)
+    stored = load_file(str(tmp_path / WEIGHTS_FILE))
+    assert stored["image.net.0.weight"].dtype == torch.float16
+    full = (bundle / WEIGHTS_FILE).stat().st_size
+    assert (tmp_path / WEIGHTS_FILE).stat().st_size < 0.55 * full
+    again = load_model(tmp_path)
+    img = [load_image(FIXTURES / "beach.png")]
+    np.testing.assert_array_equal(model.embed_images(img), again.embed_images(img))
+    np.testing.assert_array_equal(model.embed_text(["a dog"]), again.embed_text(["a dog"]))
+    states = np.random.default_rng(0).normal(size=(1, 20, 512)).astype(np.float32)
+    np.testing.assert_array_equal(
+        model.embed_speech_states(states, np.array([20])),
+        again.embed_speech_states(states, np.array([20])),
+    )
+    # rounding moves vectors only a little
+    before = load_model(bundle)
+    assert float((before.embed_images(img) * model.embed_images(img)).sum()) > 0.999
+
+
 def test_speech_transcript_and_branches(model):
     clip = load_audio(FIXTURES / "dog_on_beach.wav")
     out = {b: model.embed_speech([clip], branch=b) for b in ("cascaded", "parallel", "fused")}
