@@ -10,6 +10,7 @@ import copy
 import hashlib
 import logging
 import os
+import stat
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from engine.config import ModelConfig
+from engine.config import CONFIG_FILE, ModelConfig
 from engine.embedder import SpeechEmbedding, l2_normalize
 from engine.errors import ModelError, QueryError
 from engine.heads import MLPHead, SpeechHead, lengths_to_mask
@@ -256,7 +257,12 @@ class AlignedModel:
             for name, head in self.heads.items()
             for k, v in head.state_dict().items()
         }
-        save_file(tensors, str(bundle_dir / WEIGHTS_FILE))
+        weights = bundle_dir / WEIGHTS_FILE
+        save_file(tensors, str(weights))
+        # safetensors ≥ 0.8 writes through a temp file created 0600, ignoring the umask
+        # (safetensors#782): give the weights the mode config.json got, so whoever can read the
+        # bundle's config can load it
+        os.chmod(weights, stat.S_IMODE((bundle_dir / CONFIG_FILE).stat().st_mode))
 
 
 def _compact(t: torch.Tensor) -> torch.Tensor:

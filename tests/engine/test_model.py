@@ -1,5 +1,6 @@
 """The aligned model on real packaged towers: shapes, norms, bundles, speech branches."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,22 @@ def test_bundle_round_trip_identical(bundle, model, tmp_path):
     assert again.fingerprint == model.fingerprint
     model.save(tmp_path)
     assert load_model(tmp_path).fingerprint == model.fingerprint
+
+
+def test_saved_weights_are_as_readable_as_the_config(bundle, tmp_path):
+    # safetensors 0.8 creates its files 0600 whatever the umask; a bundle must not be
+    # readable by its config but not by its weights
+    import stat
+
+    from engine.model import WEIGHTS_FILE
+
+    old = os.umask(0o022)
+    try:
+        load_model(bundle).save(tmp_path)
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE((tmp_path / WEIGHTS_FILE).stat().st_mode)
+    assert mode == stat.S_IMODE((tmp_path / "config.json").stat().st_mode) == 0o644
 
 
 def test_half_rounded_weights_are_stored_in_half_the_bytes(bundle, tmp_path):
