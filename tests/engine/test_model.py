@@ -1,6 +1,7 @@
 """The aligned model on real packaged towers: shapes, norms, bundles, speech branches."""
 
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -67,8 +68,6 @@ def test_bundle_round_trip_identical(bundle, model, tmp_path):
 def test_saved_weights_are_as_readable_as_the_config(bundle, tmp_path):
     # safetensors 0.8 creates its files 0600 whatever the umask; a bundle must not be
     # readable by its config but not by its weights
-    import stat
-
     from engine.model import WEIGHTS_FILE
 
     old = os.umask(0o022)
