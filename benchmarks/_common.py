@@ -41,6 +41,7 @@ ENV_KEYS = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import engine  # noqa: E402, F401 - the product's OpenMP settings, before torch or faiss load
 
 # ---- machine and results ---------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from engine.embedder import SpeechEmbedding, l2_normalize
 from engine.errors import ModelError, QueryError
 from engine.heads import MLPHead, SpeechHead, lengths_to_mask
 from engine.media import SAMPLE_RATE
+from engine.threads import threads_for
 
 log = logging.getLogger(__name__)
 
@@ -126,10 +127,13 @@ class AlignedModel:
         return self._text_vectors(texts)
 
     def _text_vectors(self, texts: list[str]) -> np.ndarray:
-        vecs = self.text_tower.encode(texts) if texts else np.zeros((0, self.dim), np.float32)
-        if "text" in self.heads and len(vecs):
-            with torch.inference_mode():
-                vecs = self.heads["text"](torch.from_numpy(vecs)).numpy()
+        if not texts:
+            return np.zeros((0, self.dim), np.float32)
+        with threads_for(len(texts)):
+            vecs = self.text_tower.encode(texts)
+            if "text" in self.heads:
+                with torch.inference_mode():
+                    vecs = self.heads["text"](torch.from_numpy(vecs)).numpy()
         return l2_normalize(vecs)
 
     def embed_image_features(self, features: np.ndarray) -> np.ndarray:
@@ -141,10 +145,10 @@ class AlignedModel:
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         """`(n, dim)` float32, L2-normalized, for decoded RGB images of any size."""
         out = np.zeros((len(images), self.dim), dtype=np.float32)
-        with torch.inference_mode():
+        with torch.inference_mode(), threads_for(len(images)):
             for start in range(0, len(images), IMAGE_BATCH):
                 x = self.preprocess(images[start : start + IMAGE_BATCH])
-                feats = self.image_backbone(x)
+                feats = self.image_backbone.embed(x)
                 out[start : start + len(x)] = self.embed_image_features(feats.numpy())
         return out
 
@@ -152,7 +156,7 @@ class AlignedModel:
         """Whisper encoder states `(n, t, 512)` → parallel-branch `(n, dim)`, L2-normalized."""
         x = torch.as_tensor(states, dtype=torch.float32)
         mask = lengths_to_mask(torch.as_tensor(lengths), x.shape[1])
-        with torch.inference_mode():
+        with torch.inference_mode(), threads_for(len(x)):
             return l2_normalize(self.heads["speech"](x, mask).numpy())
 
     def embed_speech(

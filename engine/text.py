@@ -14,6 +14,7 @@ import torch
 
 from engine.embedder import l2_normalize
 from engine.errors import ModelError
+from engine.graph import InferenceGraph
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class MiniLMTower:
         self.tokenizer = BertTokenizer(model_dir, max_tokens=max_tokens)
         self.model = load_bert(model_dir)
         self.max_tokens = max_tokens
+        self.graph = InferenceGraph(self.model)  # `encode`'s path; padding varies, shapes don't
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         return self.tokenizer(texts)
@@ -51,6 +53,7 @@ class MiniLMTower:
         first = len(self.layers) - len(top)
         for i, layer in enumerate(top):
             self.layers[first + i] = layer.eval().requires_grad_(False)
+        self.graph.reset()
 
     def hidden_below(self, batch: dict[str, torch.Tensor], n_top: int) -> torch.Tensor:
         """Token states `(n, t, 384)` that enter the last `n_top` layers (cacheable for tuning)."""
@@ -73,7 +76,10 @@ class MiniLMTower:
         with torch.inference_mode():
             for start in range(0, len(texts), batch_size):
                 batch = self.tokenize(texts[start : start + batch_size])
-                out[start : start + batch_size] = self.forward_tokens(batch).numpy()
+                states = self.graph(
+                    batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
+                )
+                out[start : start + batch_size] = _mean_pool(states, batch["attention_mask"])
         return l2_normalize(out)
 
 

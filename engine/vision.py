@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from engine.errors import ModelError
+from engine.graph import InferenceGraph
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,8 @@ class ImageBackbone(torch.nn.Module):
         self.net.to(memory_format=torch.channels_last)
         self.tail_net = ImageTail(self.net)
         self.out_dim = 2 * FEATURE_CHANNELS
+        # `embed`'s path; traced per image side (padding arithmetic is fixed by it), any batch
+        self.graph = InferenceGraph(self, key=lambda x: tuple(x.shape[1:]))
 
     def trunk(self, x: torch.Tensor) -> torch.Tensor:
         """`(n, 3, s, s)` → `(n, 192, s/32, s/32)`: stem and the first `TRUNK_BLOCKS` blocks."""
@@ -77,6 +80,7 @@ class ImageBackbone(torch.nn.Module):
     def use_tail(self, tail: ImageTail) -> None:
         """Run `tail` (e.g. tuned weights from a bundle) instead of the packaged one."""
         self.tail_net = tail.eval().requires_grad_(False)
+        self.graph.reset()
 
     def fuse_batchnorm(self) -> ImageBackbone:
         """Fold every BatchNorm into the convolution before it, for inference only (returns self).
@@ -95,6 +99,7 @@ class ImageBackbone(torch.nn.Module):
         _fold(tail.conv_head, tail.bn1)
         tail.bn1 = torch.nn.Identity()
         self.tail_net = tail
+        self.graph.reset()
         return self
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,6 +108,11 @@ class ImageBackbone(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return pool(self.feature_map(x))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """`forward` for inference (under `torch.inference_mode()`), through a frozen graph once
+        the image side has been seen before; see `engine.graph`."""
+        return self.graph(x)
 
 
 class ImageTail(torch.nn.Module):

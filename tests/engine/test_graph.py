@@ -1,0 +1,85 @@
+"""Frozen inference graphs: traced on the second call per key, same outputs as the eager module,
+eager again after `reset`, after a failed trace, or with XMODAL_EAGER=1."""
+
+import logging
+
+import numpy as np
+import torch
+
+from engine.graph import ENV_SWITCH, InferenceGraph
+from engine.text import MiniLMTower
+from engine.vision import ImageBackbone
+
+
+class _Scale(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(2.0), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.w
+
+
+def test_traced_on_the_second_call_for_each_key(monkeypatch):
+    monkeypatch.delenv(ENV_SWITCH, raising=False)
+    graph = InferenceGraph(_Scale(), key=lambda x: x.shape[1])
+    x = torch.ones(2, 3)
+    with torch.inference_mode():
+        assert torch.equal(graph(x), x * 2) and not graph.graphs  # first call: eager
+        assert torch.equal(graph(x), x * 2) and list(graph.graphs) == [3]
+        assert torch.equal(graph(torch.ones(5, 3)), torch.full((5, 3), 2.0))  # any batch
+        graph(torch.ones(1, 4))
+        assert list(graph.graphs) == [3]  # a new key is seen eagerly once first
+        graph(torch.ones(1, 4))
+        assert sorted(graph.graphs) == [3, 4]
+        # a frozen graph keeps the weights it was traced with: reset after changing them
+        graph.module.w.fill_(3.0)
+        graph.reset()
+        assert torch.equal(graph(x), x * 3) and torch.equal(graph(x), x * 3)
+
+
+def test_eager_when_tracing_fails_or_switched_off(monkeypatch, caplog):
+    class Untraceable(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> str:
+            return "not a tensor"
+
+    graph = InferenceGraph(Untraceable())
+    with caplog.at_level(logging.WARNING, logger="engine.graph"):
+        assert graph(torch.ones(1)) == graph(torch.ones(1)) == "not a tensor"
+    assert graph.broken and "tracing failed" in caplog.text
+
+    monkeypatch.setenv(ENV_SWITCH, "1")
+    eager = InferenceGraph(_Scale())
+    with torch.inference_mode():
+        for _ in range(3):
+            eager(torch.ones(1))
+    assert not eager.graphs
+
+
+def test_text_tower_graph_matches_eager_for_other_batches_and_lengths(monkeypatch):
+    monkeypatch.delenv(ENV_SWITCH, raising=False)
+    tower = MiniLMTower()
+    texts = ["a dog", "Two children are playing football in a park near an old oak tree ."]
+    with torch.inference_mode():
+        eager = torch.cat([tower.forward_tokens(tower.tokenize([t])) for t in texts]).numpy()
+    eager /= np.linalg.norm(eager, axis=1, keepdims=True)
+    tower.encode(texts[:1])
+    tower.encode(texts[:1])  # traced at batch 1, one length
+    assert tower.graph.graphs
+    np.testing.assert_allclose(tower.encode(texts), eager, atol=1e-5)  # batch 2, padded
+
+
+def test_image_backbone_graph_matches_eager_for_other_batch_sizes(monkeypatch):
+    monkeypatch.delenv(ENV_SWITCH, raising=False)
+    torch.manual_seed(0)
+    backbone = ImageBackbone().fuse_batchnorm()
+    x = torch.randn(4, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        eager = backbone(x)
+        backbone.embed(x[:1])
+        backbone.embed(x[:1])  # traced at batch 1
+        assert list(backbone.graph.graphs) == [(3, 224, 224)]
+        torch.testing.assert_close(backbone.embed(x), eager, rtol=1e-5, atol=1e-5)
+        # a new tail (a bundle's tuned weights) drops the graph traced with the old one
+        backbone.use_tail(backbone.tail_net)
+        assert not backbone.graph.graphs

@@ -1,0 +1,96 @@
+"""Small batches run torch on one thread, large ones on all; the count is always restored."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.threads import SMALL_BATCH, threads_for
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_small_batches_use_one_thread_and_restore(two_threads):
+    with threads_for(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2
+    with threads_for(SMALL_BATCH):
+        assert torch.get_num_threads() == 2
+    with pytest.raises(RuntimeError, match="boom"), threads_for(1):
+        raise RuntimeError("boom")
+    assert torch.get_num_threads() == 2
+
+
+def test_the_model_embeds_a_single_text_on_one_thread(two_threads, monkeypatch):
+    from engine.model import load_model
+
+    model = load_model("default")
+    seen = []
+    encode = model.text_tower.encode
+    monkeypatch.setattr(
+        model.text_tower,
+        "encode",
+        lambda texts: seen.append(torch.get_num_threads()) or encode(texts),
+    )
+    model.embed_text(["a dog"])
+    model.embed_text(["a dog"] * SMALL_BATCH)
+    assert seen == [1, 2] and torch.get_num_threads() == 2
+
+
+CHECK = """
+import engine, sys, torch
+import numpy as np
+from engine.model import load_model
+
+a, w = torch.randn(17, 384), torch.randn(1536, 384)
+torch.set_num_threads(2)
+
+
+def switches() -> int:  # voluntary context switches of every thread of this process
+    import os
+    total = 0
+    for tid in os.listdir("/proc/self/task"):
+        status = open(f"/proc/self/task/{tid}/status").read()
+        total += int(status.split("\\nvoluntary_ctxt_switches:")[1].split()[0])
+    return total
+
+
+model = load_model("default")
+model.embed_speech([np.zeros(16000, np.float32)], branch="parallel")  # one Whisper pass
+with torch.inference_mode():
+    before = switches()
+    for _ in range(2000):
+        torch.nn.functional.linear(a, w)
+print(switches() - before)
+"""
+
+
+@pytest.mark.skipif(
+    os.cpu_count() != 2, reason="libgomp throttles only with more threads than cores"
+)
+@pytest.mark.parametrize("order", ["engine-first", "torch-first"])
+def test_whisper_does_not_stop_torch_threads_from_spinning(order, tmp_path):
+    """Regression: CTranslate2 loaded after torch shared torch's libgomp; after one Whisper pass
+    torch's worker slept and woke on every call (~1 voluntary switch per call, 1.8x slower)."""
+    script = tmp_path / "check.py"
+    code = CHECK if order == "engine-first" else "import torch\n" + CHECK
+    script.write_text(code)
+    env = {**os.environ, "OMP_WAIT_POLICY": "ACTIVE"}
+    out = subprocess.run([sys.executable, str(script), order], env=env, capture_output=True,
+                         text=True, check=True, cwd=ROOT)  # fmt: skip
+    switches = int(out.stdout.split()[-1])
+    if order == "engine-first":
+        assert switches < 200  # spinning workers: no sleeps between calls
+    else:
+        assert switches > 1000  # the old behaviour, still there when torch is imported first
