@@ -155,6 +155,13 @@ def eval_command(
     help="Also tune the image backbone's last two blocks and head conv (on cached trunk features).",
 )
 @click.option(
+    "--crop-views",
+    type=click.IntRange(min=0, max=16),
+    default=0,
+    help="Random-resized-crop views of each training photo (each cached once), besides the "
+    "photo and its mirror image.",
+)
+@click.option(
     "--tail-lr",
     type=click.FloatRange(min=0, min_open=True),
     default=1e-4,
@@ -197,6 +204,7 @@ def train(
     temperature: float,
     speech_epochs: int,
     tune_tail: bool,
+    crop_views: int,
     tail_lr: float,
     text_layers: int,
     text_lr: float,
@@ -221,6 +229,7 @@ def train(
         temperature=temperature,
         speech_epochs=speech_epochs,
         tune_tail=tune_tail,
+        crop_views=crop_views,
         tail_lr=tail_lr,
         text_layers=text_layers,
         text_lr=text_lr,

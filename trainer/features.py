@@ -23,7 +23,16 @@ from engine.media import load_image
 
 log = logging.getLogger(__name__)
 
-IMAGE_VIEWS = ("orig", "flip")  # train-time augmentation views of each photo
+IMAGE_VIEWS = ("orig", "flip")  # train-time augmentation views of each photo, besides crops
+CROP_SCALE = (0.5, 1.0)  # share of the photo's area a random crop keeps
+CROP_RATIO = (3 / 4, 4 / 3)  # its width / height
+CROP_SIDE = 224  # pixels; a crop is resized straight to the backbone's input square
+
+
+def crop_views(n: int) -> tuple[str, ...]:
+    """Names of `n` random-resized-crop views ("crop0", ...): each photo gets its own crop per
+    view, drawn from the photo's path and the view name, so caches and reruns agree."""
+    return tuple(f"crop{i}" for i in range(n))
 
 
 def cache_key(kind: str, items: Sequence[str], **params: object) -> str:
@@ -68,12 +77,29 @@ def _cached_ragged(
     return states, offsets
 
 
-def _view(img: Image.Image, view: str) -> Image.Image:
+def _view(img: Image.Image, view: str, path: str = "") -> Image.Image:
     if view == "orig":
         return img
     if view == "flip":
         return ImageOps.mirror(img)
-    raise ValueError(f"unknown view {view!r}; available: {IMAGE_VIEWS}")
+    if view.startswith("crop") and view[4:].isdigit():
+        return _random_resized_crop(img, f"{path}\0{view}")
+    raise ValueError(f"unknown view {view!r}; available: {IMAGE_VIEWS} or crop0, crop1, ...")
+
+
+def _random_resized_crop(img: Image.Image, seed_text: str) -> Image.Image:
+    """A crop of `CROP_SCALE` of the area at a `CROP_RATIO` aspect, flipped half the time, resized
+    to `CROP_SIDE` square (torchvision's RandomResizedCrop, milder); seeded by `seed_text`."""
+    rng = np.random.default_rng(int.from_bytes(hashlib.sha256(seed_text.encode()).digest()[:8]))
+    w, h = img.size
+    area = w * h * rng.uniform(*CROP_SCALE)
+    ratio = np.exp(rng.uniform(np.log(CROP_RATIO[0]), np.log(CROP_RATIO[1])))
+    cw = int(round(min(w, np.sqrt(area * ratio))))
+    ch = int(round(min(h, np.sqrt(area / ratio))))
+    left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    box = (left, top, left + cw, top + ch)
+    out = img.resize((CROP_SIDE, CROP_SIDE), Image.Resampling.BICUBIC, box=box)
+    return ImageOps.mirror(out) if rng.random() < 0.5 else out
 
 
 def image_trunks(
@@ -100,7 +126,7 @@ def image_trunks(
                 imgs, rows = [], []
                 for i, p in enumerate(paths[start : start + batch_size], start):
                     try:
-                        imgs.append(_view(load_image(p), view))
+                        imgs.append(_view(load_image(p), view, p))
                         rows.append(i)
                     except MediaError as exc:
                         log.warning("skipping %s", exc)

@@ -43,6 +43,7 @@ from engine.speech import cache_root
 from engine.vision import pool
 from trainer.evaluate import recall_at_k
 from trainer.features import (
+    crop_views,
     image_features,
     image_trunks,
     speech_states,
@@ -54,7 +55,7 @@ from trainer.manifest import read_manifest
 
 log = logging.getLogger(__name__)
 
-STAGE_DATA = "manifests.json"  # beside a finished image stage: the manifests it was trained on
+STAGE_DATA = "manifests.json"  # beside a finished image stage: its manifests and photo views
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,7 @@ class TrainConfig:
     lam: float = 1.0  # λ, weight of the KL inside the alignment term
     fuse_weight: float = 0.3  # share of the parallel branch in the fused speech vector
     hypotheses: int = 3  # Whisper n-best transcripts the cascaded branch averages (bundle setting)
+    crop_views: int = 0  # random-resized-crop views of each photo besides orig and flip
     tune_tail: bool = False  # also tune the image backbone's tail (last 2 blocks + head conv)
     tail_lr: float = 1e-4  # peak learning rate of the tuned tail
     text_layers: int = 0  # also tune this many top MiniLM layers (0 = frozen text tower)
@@ -387,9 +389,9 @@ def model_config(cfg: TrainConfig, *, name: str, with_speech: bool) -> ModelConf
     )
 
 
-def _stage_matches(stage_dir: Path, mcfg: ModelConfig, manifests: list[str] | None = None) -> bool:
+def _stage_matches(stage_dir: Path, mcfg: ModelConfig, data: object = None) -> bool:
     """Whether a finished image stage in `stage_dir` has the heads this run would train (and,
-    given `manifests`, was trained on those manifests)."""
+    given `data`, the JSON description of its training data, was trained on that data)."""
     if not (stage_dir / "heads.safetensors").exists():
         return False
     saved = ModelConfig.load(stage_dir)
@@ -399,10 +401,8 @@ def _stage_matches(stage_dir: Path, mcfg: ModelConfig, manifests: list[str] | No
         )
         return False
     data_file = stage_dir / STAGE_DATA
-    if manifests is not None and (
-        not data_file.exists() or json.loads(data_file.read_text()) != manifests
-    ):
-        log.warning("%s was trained on other manifests; training the image stage again", stage_dir)
+    if data is not None and (not data_file.exists() or json.loads(data_file.read_text()) != data):
+        log.warning("%s was trained on other data; training the image stage again", stage_dir)
         return False
     return True
 
@@ -438,14 +438,16 @@ def main(
     with_speech = bool(speech_manifests)
     mcfg = model_config(cfg, name=name, with_speech=with_speech)
     stage_dir = out_dir / "image_stage"
+    views = ("orig", "flip", *crop_views(cfg.crop_views))
     manifests = [str(Path(p).resolve()) for p in (manifest, *extra_manifests)]
-    if resume and _stage_matches(stage_dir, mcfg, manifests):
+    stage_data = {"manifests": manifests, "views": list(views)}
+    if resume and _stage_matches(stage_dir, mcfg, stage_data):
         log.info("resuming: image stage loaded from %s", stage_dir)
         heads = dict(load_model(stage_dir).heads)
         history = json.loads((stage_dir / "history.json").read_text())
     else:
         data = load_image_data(
-            Path(manifest), cache_dir, views=("orig", "flip"), trunks=cfg.tune_tail,
+            Path(manifest), cache_dir, views=views, trunks=cfg.tune_tail,
             text_layers=cfg.text_layers, extra=tuple(Path(p) for p in extra_manifests),
         )  # fmt: skip
         heads, history = train_image_stage(data, cfg, mcfg)
@@ -453,7 +455,7 @@ def main(
         stage_cfg = dataclasses.replace(mcfg, speech=SpeechTowerConfig())
         AlignedModel(stage_cfg, heads, fingerprint="stage").save(stage_dir)
         (stage_dir / "history.json").write_text(json.dumps(history, indent=2) + "\n")
-        (stage_dir / STAGE_DATA).write_text(json.dumps(manifests, indent=2) + "\n")
+        (stage_dir / STAGE_DATA).write_text(json.dumps(stage_data, indent=2) + "\n")
     if with_speech:
         heads["speech"] = build_heads(mcfg)["speech"]
     model = AlignedModel(mcfg, heads, fingerprint="training")

@@ -3,6 +3,7 @@ EfficientNet on the project's fixtures."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -95,3 +96,7 @@ def test_resume_needs_the_same_manifests(tmp_path):
     (stage / T.STAGE_DATA).write_text('["train.tsv"]')
     assert T._stage_matches(stage, mcfg, ["train.tsv"])
     assert not T._stage_matches(stage, mcfg, ["train.tsv", "asr.tsv"])
+    trained = {"manifests": ["train.tsv"], "views": ["orig", "flip", "crop0"]}
+    (stage / T.STAGE_DATA).write_text(json.dumps(trained))
+    assert T._stage_matches(stage, mcfg, trained)
+    assert not T._stage_matches(stage, mcfg, {**trained, "views": ["orig", "flip"]})
