@@ -87,6 +87,11 @@ def _view(img: Image.Image, view: str, path: str = "") -> Image.Image:
     raise ValueError(f"unknown view {view!r}; available: {IMAGE_VIEWS} or crop0, crop1, ...")
 
 
+def _view_params(view: str) -> dict[str, object]:
+    """What a view's pixels depend on beyond its name, for cache keys (crops: their ranges)."""
+    return {"crop": [CROP_SCALE, CROP_RATIO, CROP_SIDE]} if view.startswith("crop") else {}
+
+
 def _random_resized_crop(img: Image.Image, seed_text: str) -> Image.Image:
     """A crop of `CROP_SCALE` of the area at a `CROP_RATIO` aspect, flipped half the time, resized
     to `CROP_SIDE` square (torchvision's RandomResizedCrop, milder); seeded by `seed_text`."""
@@ -114,7 +119,7 @@ def image_trunks(
 
     side = 224 // 32
     key = cache_key("trunk", paths, backbone="efficientnet-lite0", view=view, size=224,
-                    blocks=TRUNK_BLOCKS)  # fmt: skip
+                    blocks=TRUNK_BLOCKS, **_view_params(view))  # fmt: skip
 
     def compute() -> np.ndarray:
         from engine.vision import ImageBackbone, preprocess
@@ -168,7 +173,8 @@ def image_features(
 
     if tail is not None:
         return compute()
-    key = cache_key("image", paths, backbone="efficientnet-lite0", view=view, size=224, trunk=1)
+    key = cache_key("image", paths, backbone="efficientnet-lite0", view=view, size=224, trunk=1,
+                    **_view_params(view))  # fmt: skip
     return _cached(cache_dir / f"{key}.npy", compute)
 
 

@@ -27,3 +27,19 @@ def test_crop_views_are_seeded_by_photo_and_view():
 def test_unknown_view():
     with pytest.raises(ValueError, match="unknown view 'rotate'"):
         _view(_photo(), "rotate")
+
+
+def test_crop_caches_are_keyed_by_the_crop_ranges(tmp_path, monkeypatch):
+    """Changing how crops are drawn must not read trunks cached for the old crops."""
+    from trainer import features
+
+    path = tmp_path / "photo.png"
+    _photo().save(path)
+    cache = tmp_path / "cache"
+    first = features.image_trunks([str(path)], cache, view="crop0")
+    features.image_trunks([str(path)], cache, view="orig")
+    assert len(list(cache.glob("trunk-*.npy"))) == 2
+    monkeypatch.setattr(features, "CROP_SCALE", (0.2, 0.3))
+    second = features.image_trunks([str(path)], cache, view="crop0")
+    assert len(list(cache.glob("trunk-*.npy"))) == 3  # a new cache, not the old crop's
+    assert not np.array_equal(first, second)
