@@ -93,4 +93,4 @@ def test_whisper_does_not_stop_torch_threads_from_spinning(order, tmp_path):
     if order == "engine-first":
         assert switches < 200  # spinning workers: no sleeps between calls
     else:
-        assert switches > 1000  # the old behaviour, still there when torch is imported first
+        assert switches > 500  # the old behaviour, still there when torch is imported first
