@@ -24,8 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import engine  # noqa: E402, F401 - the product's OpenMP settings, before torch loads
-import engine.threads  # noqa: E402
+import engine.threads  # noqa: E402 - imports engine first: the product's OpenMP settings, before torch
 
 # isort: split
 import numpy as np  # noqa: E402

@@ -82,14 +82,19 @@ def _view(img: Image.Image, view: str, path: str = "") -> Image.Image:
         return img
     if view == "flip":
         return ImageOps.mirror(img)
-    if view.startswith("crop") and view[4:].isdigit():
+    if _is_crop(view):
         return _random_resized_crop(img, f"{path}\0{view}")
     raise ValueError(f"unknown view {view!r}; available: {IMAGE_VIEWS} or crop0, crop1, ...")
 
 
+def _is_crop(view: str) -> bool:
+    """Whether `view` names one of `crop_views`."""
+    return view.startswith("crop") and view[4:].isdigit()
+
+
 def _view_params(view: str) -> dict[str, object]:
     """What a view's pixels depend on beyond its name, for cache keys (crops: their ranges)."""
-    return {"crop": [CROP_SCALE, CROP_RATIO, CROP_SIDE]} if view.startswith("crop") else {}
+    return {"crop": [CROP_SCALE, CROP_RATIO, CROP_SIDE]} if _is_crop(view) else {}
 
 
 def _random_resized_crop(img: Image.Image, seed_text: str) -> Image.Image:
