@@ -34,7 +34,8 @@ class MiniLMTower:
         self.tokenizer = BertTokenizer(model_dir, max_tokens=max_tokens)
         self.model = load_bert(model_dir)
         self.max_tokens = max_tokens
-        self.graph = InferenceGraph(self.model)  # `encode`'s path; padding varies, shapes don't
+        # `encode`'s path; padding varies, shapes don't
+        self.graph = InferenceGraph(self.model, low_precision=True)
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         return self.tokenizer(texts)

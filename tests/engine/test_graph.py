@@ -1,12 +1,14 @@
-"""Frozen inference graphs: traced on the second call per key, same outputs as the eager module,
-eager again after `reset`, after a failed trace, or with XMODAL_EAGER=1."""
+"""Frozen inference graphs: traced on the second call per key, same outputs as the eager module
+(float32) or within bfloat16 rounding of it, eager again after `reset`, after a failed trace, or
+with XMODAL_EAGER=1."""
 
 import logging
 
 import numpy as np
+import pytest
 import torch
 
-from engine.graph import ENV_SWITCH, InferenceGraph
+from engine.graph import ENV_SWITCH, PRECISION_ENV, InferenceGraph, bf16_graphs
 from engine.text import MiniLMTower
 from engine.vision import ImageBackbone
 
@@ -58,6 +60,7 @@ def test_eager_when_tracing_fails_or_switched_off(monkeypatch, caplog):
 
 def test_text_tower_graph_matches_eager_for_other_batches_and_lengths(monkeypatch):
     monkeypatch.delenv(ENV_SWITCH, raising=False)
+    monkeypatch.setenv(PRECISION_ENV, "fp32")
     tower = MiniLMTower()
     texts = ["a dog", "Two children are playing football in a park near an old oak tree ."]
     with torch.inference_mode():
@@ -71,6 +74,7 @@ def test_text_tower_graph_matches_eager_for_other_batches_and_lengths(monkeypatc
 
 def test_image_backbone_graph_matches_eager_for_other_batch_sizes(monkeypatch):
     monkeypatch.delenv(ENV_SWITCH, raising=False)
+    monkeypatch.setenv(PRECISION_ENV, "fp32")
     torch.manual_seed(0)
     backbone = ImageBackbone().fuse_batchnorm()
     x = torch.randn(4, 3, 224, 224).contiguous(memory_format=torch.channels_last)
@@ -83,3 +87,49 @@ def test_image_backbone_graph_matches_eager_for_other_batch_sizes(monkeypatch):
         # a new tail (a bundle's tuned weights) drops the graph traced with the old one
         backbone.use_tail(backbone.tail_net)
         assert not backbone.graph.graphs
+
+
+def test_precision_setting(monkeypatch):
+    monkeypatch.setenv(PRECISION_ENV, "fp32")
+    assert not bf16_graphs()
+    monkeypatch.setenv(PRECISION_ENV, "auto")
+    assert bf16_graphs() == torch.cpu._is_amx_tile_supported()
+    monkeypatch.setenv(PRECISION_ENV, "half")
+    with pytest.raises(ValueError, match="XMODAL_PRECISION"):
+        bf16_graphs()
+
+
+needs_bf16 = pytest.mark.skipif(
+    not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="oneDNN has no bfloat16 here"
+)
+
+
+@needs_bf16
+def test_bfloat16_graphs_stay_close_to_float32(monkeypatch):
+    """Forced bfloat16: float32 in and out, the eager module untouched, sentence vectors within
+    bfloat16 rounding (cosine ≥ 0.999) of float32."""
+    monkeypatch.delenv(ENV_SWITCH, raising=False)
+    monkeypatch.setenv(PRECISION_ENV, "bf16")
+    tower = MiniLMTower()
+    texts = ["a dog", "Two children are playing football in a park near an old oak tree ."]
+    with torch.inference_mode():
+        eager = torch.cat([tower.forward_tokens(tower.tokenize([t])) for t in texts]).numpy()
+    eager /= np.linalg.norm(eager, axis=1, keepdims=True)
+    tower.encode(texts[:1])
+    tower.encode(texts[:1])
+    (graph,) = tower.graph.graphs.values()
+    assert graph.original_name == "_Bfloat16"
+    out = tower.encode(texts)
+    assert out.dtype == np.float32
+    assert (out * eager).sum(1).min() > 0.999
+    assert next(tower.model.parameters()).dtype == torch.float32
+
+    # a module that holds its own graph (like engine.vision's) is copied without the graph
+    module = _Scale()
+    module.graph = InferenceGraph(module, low_precision=True)
+    x = torch.full((2, 3), 1.5)
+    with torch.inference_mode():
+        module.graph(x)
+        assert torch.equal(module.graph(x), x * 2)  # 1.5 and 2 are exact in bfloat16
+    (graph,) = module.graph.graphs.values()
+    assert graph.original_name == "_Bfloat16" and module.w.dtype == torch.float32

@@ -10,10 +10,18 @@ import torch
 
 from engine.config import ModelConfig, SpeechHeadConfig, SpeechTowerConfig
 from engine.errors import ModelError, QueryError
+from engine.graph import PRECISION_ENV
 from engine.media import SAMPLE_RATE, load_audio, load_image
 from engine.model import AlignedModel, build_heads, list_models, load_model
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
+
+
+@pytest.fixture(autouse=True)
+def float32_graphs(monkeypatch):
+    """These tests compare vectors made on different paths (a first eager call, later traced
+    graphs) to 1e-5: float32 graphs; tests/engine/test_graph.py covers bfloat16's."""
+    monkeypatch.setenv(PRECISION_ENV, "fp32")
 
 
 @pytest.fixture(scope="module")
@@ -56,13 +64,19 @@ def test_image_shapes_and_norms(model):
     _unit_rows(model.embed_images([img, img.rotate(90, expand=True)]), 2, model.dim)
 
 
-def test_bundle_round_trip_identical(bundle, model, tmp_path):
-    again = load_model(bundle)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_bundle_round_trip_identical(bundle, tmp_path, monkeypatch, precision):
+    if precision == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("oneDNN has no bfloat16 here")
+    monkeypatch.setenv(PRECISION_ENV, precision)
+    first = load_model(bundle)
+    first.save(tmp_path)
+    again = load_model(tmp_path)
+    assert again.fingerprint == first.fingerprint
     img = [load_image(FIXTURES / "beach.png")]
-    np.testing.assert_array_equal(model.embed_images(img), again.embed_images(img))
-    assert again.fingerprint == model.fingerprint
-    model.save(tmp_path)
-    assert load_model(tmp_path).fingerprint == model.fingerprint
+    for _ in range(3):  # eager, then through the traced graphs (engine.graph): same each time
+        np.testing.assert_array_equal(first.embed_images(img), again.embed_images(img))
+        np.testing.assert_array_equal(first.embed_text(["a dog"]), again.embed_text(["a dog"]))
 
 
 def test_saved_weights_are_as_readable_as_the_config(bundle, tmp_path):
