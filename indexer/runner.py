@@ -23,7 +23,7 @@ import numpy as np
 from engine.embedder import Embedder
 from engine.errors import MediaError, XmodalError
 from engine.store import FileRecord
-from indexer.mapper import BATCH_SIZE, Encoded, Mapper
+from indexer.mapper import BATCH_SIZE, Encoded, Mapper, call_size
 from indexer.reader import Decoded, ReaderConfig, Segment, read_file
 from indexer.scan import Plan, Work, is_under, plan, scan
 from indexer.writer import IndexWriter, ModelInfo, WriterConfig
@@ -108,7 +108,7 @@ class _Pipeline:
                 state.transcripts.append("")
                 queue = self.queues.setdefault(work.entry.modality, [])
                 queue.append((state, len(state.segments) - 1))
-                if len(queue) >= self.batch_size:
+                if len(queue) >= call_size(work.entry.modality, self.batch_size):
                     self.flush(work.entry.modality)
         except MediaError as exc:
             state.failed = True

@@ -62,3 +62,20 @@ def test_minilm_model_dir_must_hold_a_bert(tmp_path):
 
     with pytest.raises(ModelError, match="tokenizer.json"):
         MiniLMTower(model_dir=str(tmp_path))
+
+
+def test_encode_batches_shortest_first_and_keeps_the_order(monkeypatch):
+    from engine.graph import PRECISION_ENV
+    from engine.text import MiniLMTower
+
+    monkeypatch.setenv(PRECISION_ENV, "fp32")
+    tower = MiniLMTower()
+    texts = [
+        "Two children are playing football in a park near an old oak tree .",
+        "a dog",
+        "a red car parked on a quiet street",
+    ]
+    alone = np.concatenate([tower.encode([t]) for t in texts])
+    together = tower.encode(texts, batch_size=2)  # [a dog, a red car …], then the long one
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+    assert not np.allclose(alone[0], alone[1], atol=1e-2)

@@ -323,3 +323,20 @@ def test_read_ahead_decodes_in_order_and_at_most_depth_ahead():
             assert read.result() == f"decoded {work}"
         seen.append(work)
     assert seen == list(range(10)) and sorted(started) == list(range(10))
+
+
+def test_text_reaches_the_embedder_several_batches_at_a_time(tmp_path, stub):
+    """The text tower sorts a call's texts by length before batching: bigger calls, less
+    padding. Other modalities keep `batch_size` per call."""
+    from indexer.mapper import TEXT_BATCHES
+
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    for i in range(TEXT_BATCHES + 1):
+        (folder / f"n{i}.txt").write_text(f"note number {i}\n")
+    sizes = []
+    real = stub.embed_text
+    stub.embed_text = lambda texts: sizes.append(len(texts)) or real(texts)
+    s = _run(folder, tmp_path / "index", stub, batch_size=1)
+    assert s.added == TEXT_BATCHES + 1
+    assert sizes == [TEXT_BATCHES, 1]
