@@ -1,6 +1,6 @@
 """Indexing throughput per modality: xmodal's pipeline vs a naive per-file loop.
 
-    .venv/bin/python benchmarks/indexing.py [--model PATH] [--images 96 --speech 16 --notes 64]
+    .venv/bin/python benchmarks/indexing.py [--model PATH] [--images 96 --speech 16 --notes 1024]
 
 A folder of generated media (seeded JPEGs, espeak-ng WAV clips, text notes) is indexed, one
 modality at a time, by
@@ -66,7 +66,7 @@ def main() -> None:
     ap = make_parser(__doc__)
     ap.add_argument("--images", type=int, default=96, help="generated 640×480 JPEGs")
     ap.add_argument("--speech", type=int, default=16, help="generated espeak-ng clips")
-    ap.add_argument("--notes", type=int, default=64, help="generated text notes")
+    ap.add_argument("--notes", type=int, default=1024, help="generated text notes")
     ap.add_argument("--modalities", default="image,speech,text", help="comma list to run")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument("--no-results", action="store_true", help="do not append to RESULTS.md")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import threading
 import warnings
 from collections.abc import Callable, Hashable
 from typing import Any
@@ -82,6 +83,7 @@ class InferenceGraph:
         self.module = module
         self.key = key or (lambda *inputs: None)
         self.low_precision = low_precision
+        self.lock = threading.Lock()
         self.graphs: dict[Hashable, Any] = {}
         self.seen: set[Hashable] = set()
         self.broken = False
@@ -91,16 +93,15 @@ class InferenceGraph:
             return self.module(*inputs)
         k = self.key(*inputs)
         graph = self.graphs.get(k)
-        if graph is not None:
-            return graph(*inputs)
-        if k not in self.seen:
-            self.seen.add(k)
-            return self.module(*inputs)
-        graph = self._trace(inputs)
         if graph is None:
-            return self.module(*inputs)
-        self.graphs[k] = graph
-        return graph(*inputs)
+            with self.lock:  # callers on several threads (engine.threads) trace a key once
+                graph = self.graphs.get(k)
+                if graph is None and k in self.seen and not self.broken:
+                    graph = self._trace(inputs)
+                    if graph is not None:
+                        self.graphs[k] = graph
+                self.seen.add(k)
+        return self.module(*inputs) if graph is None else graph(*inputs)
 
     def reset(self) -> None:
         """Forget every trace (the module's weights or structure changed)."""

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.threads import SMALL_BATCH, threads_for
+from engine.threads import SMALL_BATCH, one_thread_each, threads_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,6 +30,56 @@ def test_small_batches_use_one_thread_and_restore(two_threads):
     with pytest.raises(RuntimeError, match="boom"), threads_for(1):
         raise RuntimeError("boom")
     assert torch.get_num_threads() == 2
+
+
+def test_one_thread_each_spreads_items_over_workers_in_order(two_threads):
+    import threading
+    import time
+
+    seen = []
+
+    def work(x: int) -> int:
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        time.sleep(0.01)  # long enough that both workers take items
+        return x * x
+
+    assert one_thread_each(work, list(range(10))) == [x * x for x in range(10)]
+    assert {n for _, n in seen} == {1}  # torch on one thread inside every worker
+    assert len({name for name, _ in seen}) == 2
+    assert threading.main_thread().name not in {name for name, _ in seen}
+    assert torch.get_num_threads() == 2
+    # one item (or one torch thread): on the caller's thread, torch on one thread
+    seen.clear()
+    assert one_thread_each(work, [3]) == [9] and seen == [(threading.current_thread().name, 1)]
+    assert torch.get_num_threads() == 2
+
+    def bad(x: int) -> int:
+        raise ValueError(f"item {x}")
+
+    with pytest.raises(ValueError, match="item"):
+        one_thread_each(bad, [1, 2])
+    assert torch.get_num_threads() == 2
+
+
+def test_a_graph_called_from_workers_is_traced_once(two_threads, monkeypatch):
+    from engine.graph import ENV_SWITCH, InferenceGraph
+
+    monkeypatch.delenv(ENV_SWITCH, raising=False)
+    traced = []
+    graph = InferenceGraph(torch.nn.Linear(4, 4))
+    real = graph._trace
+    graph._trace = lambda inputs: traced.append(1) or real(inputs)
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return graph(x)
+
+    xs = [torch.randn(1, 4) for _ in range(16)]
+    with torch.inference_mode():
+        expected = [graph.module(x) for x in xs]
+    for got, want in zip(one_thread_each(call, xs), expected, strict=True):
+        torch.testing.assert_close(got, want)
+    assert traced == [1] and len(graph.graphs) == 1 and not graph.broken
 
 
 def test_the_model_embeds_a_single_text_on_one_thread(two_threads, monkeypatch):
