@@ -43,10 +43,11 @@ def one_thread_each(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
     """`[fn(x) for x in items]`, spread over as many Python threads as torch has threads, each
     running torch on one thread (torch releases the GIL while it computes).
 
-    For networks that batching does not speed up: EfficientNet-Lite0 on this project's 2-core
-    machine took 11.0 ms per image in batches of 16 on two torch threads, 6.4 ms one image at a
-    time on two such workers (`benchmarks/encoders.py`). `fn` must not rely on thread-local
-    torch state set by the caller (e.g. `torch.inference_mode()`: enter it inside `fn`).
+    For networks that batching does not speed up: EfficientNet-Lite0's frozen graph on this
+    project's 2-core machine (128 images, backbone only) took 11.0 ms per image in batches of
+    16 on two torch threads, 13.3 in batches of 32, 6.4 ms one image at a time on two such
+    workers. `fn` must not rely on thread-local torch state set by the caller (e.g.
+    `torch.inference_mode()`: enter it inside `fn`).
     """
     workers = min(torch.get_num_threads(), len(items))
     if workers <= 1:
