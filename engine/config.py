@@ -72,6 +72,7 @@ class SpeechTowerConfig:
     head: SpeechHeadConfig | None = None  # the parallel branch; None means cascaded only
     beam_size: int = 5  # Whisper beam search width for transcripts (1 = greedy, fastest)
     hypotheses: int = 1  # Whisper's n-best transcripts averaged into the cascaded vector
+    prompt: str = ""  # text Whisper reads as what came before each clip ("" = none)
 
 
 @dataclass(frozen=True)

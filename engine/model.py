@@ -222,7 +222,9 @@ class AlignedModel:
         """Transcripts of `Whisper.encode` output with this bundle's beam size: its n-best
         (`speech.hypotheses`), most likely first; an empty list where no speech was heard."""
         speech = self.config.speech
-        return self.whisper.hypotheses(encoded, beam_size=speech.beam_size, count=speech.hypotheses)
+        return self.whisper.hypotheses(
+            encoded, beam_size=speech.beam_size, count=speech.hypotheses, context=speech.prompt
+        )
 
     def combine_speech(
         self,

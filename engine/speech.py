@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,6 +33,13 @@ MIN_FRAMES = 1000  # but never below 10 s: shorter windows make Whisper loop on 
 TOKENS_PER_SECOND = 10  # decoding budget; caps the runaway repetitions Whisper can fall into
 ENCODER_WIDTH = 512  # d_model of Whisper base
 PROMPT = ["<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|notimestamps|>"]
+PREVIOUS = "<|startofprev|>"  # starts the text Whisper takes as what was said before the clip
+# Whisper read this as the previous text: on 390 voiced Flickr8k *training* captions (beam 5)
+# word error rate fell from 0.277 to 0.204 (festival 0.241 → 0.150, flite 0.197 → 0.150,
+# espeak-ng 0.395 → 0.319); two other caption-like prompts gave 0.200 and 0.207.
+CAPTION_PROMPT = (
+    "A man in a red shirt is climbing a rock. Two dogs play in the snow. A girl jumps into a pool."
+)
 NO_SPEECH_THRESHOLD = 0.6  # above this no-speech probability the transcript is dropped
 SILENCE_RMS = 1e-4  # a clip quieter than this is treated as silence without decoding
 MODEL_FILES = ("config.json", "tokenizer.json", "vocabulary.txt")
@@ -150,28 +158,52 @@ class Whisper:
         return [h[0] if h else "" for h in self.hypotheses(encoded, beam_size=beam_size)]
 
     def hypotheses(
-        self, encoded: EncodedSpeech, *, beam_size: int = 1, count: int = 1
+        self, encoded: EncodedSpeech, *, beam_size: int = 1, count: int = 1, context: str = ""
     ) -> list[list[str]]:
         """Up to `count` transcripts per clip, the most likely first (beam search's n-best,
-        `count` ≤ `beam_size`); an empty list for silence and clips Whisper hears no speech in."""
+        `count` ≤ `beam_size`); an empty list for silence and clips Whisper hears no speech in.
+
+        `context` is given to Whisper as the text said before the clip (e.g. `CAPTION_PROMPT`):
+        it steers spelling and vocabulary. Whisper then also hears speech in noise more
+        readily and tends to repeat the context, so whether a clip holds speech is decided
+        without it (one decoding step more), and a transcript that only repeats a sentence of
+        the context is dropped.
+        """
         import ctranslate2
 
         if not 1 <= count <= beam_size:
             raise ModelError(f"count must be 1..beam_size ({beam_size}), not {count}")
+        states = ctranslate2.StorageView.from_array(encoded.states)
+        prompt = self.prompt
+        if context.strip():
+            before = self.tokenizer.encode(" " + context.strip(), add_special_tokens=False).ids
+            prompt = [self.tokenizer.token_to_id(PREVIOUS), *before, *self.prompt]
+            plain = self.model.generate(
+                states, [self.prompt] * len(encoded.states), beam_size=1, max_length=1,
+                return_no_speech_prob=True,
+            )  # fmt: skip
         results = self.model.generate(
-            ctranslate2.StorageView.from_array(encoded.states),
-            [self.prompt] * len(encoded.states),
+            states,
+            [prompt] * len(encoded.states),
             beam_size=beam_size,
             num_hypotheses=count,
-            max_length=self._max_tokens(encoded),
+            max_length=self._max_tokens(encoded) + len(prompt) - len(self.prompt),
             return_no_speech_prob=True,
             suppress_blank=True,
         )
+        no_speech = [r.no_speech_prob for r in (plain if prompt is not self.prompt else results)]
+        echoes = set(_sentences(context))
         out: list[list[str]] = []
-        for res, silent in zip(results, encoded.silent, strict=True):
-            if silent or res.no_speech_prob > NO_SPEECH_THRESHOLD:
+        for res, silent, p in zip(results, encoded.silent, no_speech, strict=True):
+            if silent or p > NO_SPEECH_THRESHOLD:
                 out.append([])
                 continue
             texts = [self.tokenizer.decode(ids).strip() for ids in res.sequences_ids]
-            out.append([t for t in texts if t])
+            out.append([t for t in texts if t and not (echoes and set(_sentences(t)) <= echoes)])
         return out
+
+
+def _sentences(text: str) -> list[str]:
+    """The sentences of `text` as lower-case words, punctuation dropped (to compare them)."""
+    said = (" ".join(re.findall(r"[a-z0-9']+", s.lower())) for s in re.split(r"[.!?]+", text))
+    return [s for s in said if s]

@@ -186,6 +186,12 @@ def eval_command(
     help="Whisper transcripts per clip (beam search's n-best) averaged into the cascaded speech "
     "vector; a setting of the bundle, not of training.",
 )
+@click.option(
+    "--whisper-prompt",
+    default=None,
+    help="Text Whisper reads as said before each clip, steering its vocabulary (default: three "
+    "short photo captions; '' for none); a setting of the bundle, not of training.",
+)
 @click.option("--name", default="xmodal", help="Model name recorded in the bundle.")
 @click.option("--seed", type=int, default=0, help="Seeds data order, initialization and dropout.")
 @click.option(
@@ -209,6 +215,7 @@ def train(
     text_layers: int,
     text_lr: float,
     hypotheses: int,
+    whisper_prompt: str | None,
     name: str,
     seed: int,
     resume: bool,
@@ -234,6 +241,7 @@ def train(
         text_layers=text_layers,
         text_lr=text_lr,
         hypotheses=hypotheses,
+        whisper_prompt=whisper_prompt,
         name=name,
         seed=seed,
         resume=resume,

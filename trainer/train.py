@@ -39,7 +39,7 @@ from engine.model import (
     load_model,
     round_to_half,
 )
-from engine.speech import cache_root
+from engine.speech import CAPTION_PROMPT, cache_root
 from engine.vision import pool
 from trainer.evaluate import recall_at_k
 from trainer.features import (
@@ -79,6 +79,7 @@ class TrainConfig:
     lam: float = 1.0  # λ, weight of the KL inside the alignment term
     fuse_weight: float = 0.3  # share of the parallel branch in the fused speech vector
     hypotheses: int = 3  # Whisper n-best transcripts the cascaded branch averages (bundle setting)
+    whisper_prompt: str = CAPTION_PROMPT  # text Whisper reads before each clip (bundle setting)
     crop_views: int = 0  # random-resized-crop views of each photo besides orig and flip
     tune_tail: bool = False  # also tune the image backbone's tail (last 2 blocks + head conv)
     tail_lr: float = 1e-4  # peak learning rate of the tuned tail
@@ -385,6 +386,7 @@ def model_config(cfg: TrainConfig, *, name: str, with_speech: bool) -> ModelConf
             fuse_weight=cfg.fuse_weight,
             head=SpeechHeadConfig() if with_speech else None,
             hypotheses=cfg.hypotheses,
+            prompt=cfg.whisper_prompt,
         ),
     )
 

@@ -139,15 +139,33 @@ def test_transcripts_use_the_bundles_beam_size(model, monkeypatch):
     seen = []
     real = model.whisper.hypotheses
 
-    def spy(encoded, *, beam_size=1, count=1):
-        seen.append((beam_size, count))
-        return real(encoded, beam_size=beam_size, count=count)
+    def spy(encoded, *, beam_size=1, count=1, context=""):
+        seen.append((beam_size, count, context))
+        return real(encoded, beam_size=beam_size, count=count, context=context)
 
     monkeypatch.setattr(model.whisper, "hypotheses", spy)
     clip = load_audio(FIXTURES / "dog_on_beach.wav")
     assert "dog" in model.embed_speech([clip], branch="cascaded").transcripts[0].lower()
     speech = model.config.speech
-    assert seen == [(speech.beam_size, speech.hypotheses)] and speech.beam_size > 1
+    assert seen == [(speech.beam_size, speech.hypotheses, speech.prompt)] and speech.beam_size > 1
+
+
+def test_whisper_context_keeps_noise_silent_and_drops_echoes(model, monkeypatch):
+    import engine.speech as sp
+
+    whisper = model.whisper
+    clip = load_audio(FIXTURES / "dog_on_beach.wav")
+    noise = np.random.default_rng(0).normal(0, 0.05, 5 * SAMPLE_RATE).astype(np.float32)
+    enc = whisper.encode([clip, noise])
+    heard = whisper.hypotheses(enc, beam_size=5, context=sp.CAPTION_PROMPT)
+    assert "dog" in heard[0][0].lower() and heard[1] == []
+    # a transcript that only repeats sentences of the context is dropped
+    echo = whisper.hypotheses(enc, beam_size=5, context=f"Hello there. {heard[0][0]}")
+    assert echo[0] == []
+    # whether a clip holds speech is decided without the context: with the echo filter off,
+    # the noise still gives nothing (with the context alone Whisper "hears" the context in it)
+    monkeypatch.setattr(sp, "_sentences", lambda text: [text])
+    assert whisper.hypotheses(enc, beam_size=5, context=sp.CAPTION_PROMPT)[1] == []
 
 
 def test_cascaded_vector_averages_the_n_best(bundle, model, tmp_path):
