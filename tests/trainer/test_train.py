@@ -177,3 +177,15 @@ def test_tuned_text_layers_train_and_match_the_bundle(tmp_path):
     frozen = load_model(tmp_path / "b")
     frozen.heads.pop("text_top")  # same adapter, packaged layers: must differ
     assert np.abs(frozen.embed_text(data.captions[:6]) - got).max() > 1e-3
+
+
+def test_bundles_carry_the_whisper_prompt(tmp_path):
+    from engine.config import ModelConfig
+    from engine.speech import CAPTION_PROMPT
+
+    mcfg = T.model_config(T.TrainConfig(), name="p", with_speech=True)
+    assert mcfg.speech.prompt == CAPTION_PROMPT
+    none = T.model_config(T.TrainConfig(whisper_prompt=""), name="p", with_speech=True)
+    assert none.speech.prompt == ""
+    mcfg.save(tmp_path)
+    assert ModelConfig.load(tmp_path).speech.prompt == CAPTION_PROMPT
