@@ -101,7 +101,19 @@ class InferenceGraph:
                     if graph is not None:
                         self.graphs[k] = graph
                 self.seen.add(k)
-        return self.module(*inputs) if graph is None else graph(*inputs)
+        if graph is None:
+            return self.module(*inputs)
+        try:
+            return graph(*inputs)
+        except Exception as exc:  # noqa: BLE001 - a graph that traced but fails to run (a shape
+            # the trace fixed, a fusion this CPU lacks): eager from now on, same call again
+            log.warning(
+                "running %s eagerly: its graph failed (%s)", type(self.module).__name__, exc
+            )
+            with self.lock:
+                self.broken = True
+                self.graphs.clear()
+            return self.module(*inputs)
 
     def reset(self) -> None:
         """Forget every trace (the module's weights or structure changed)."""

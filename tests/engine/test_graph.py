@@ -58,6 +58,21 @@ def test_eager_when_tracing_fails_or_switched_off(monkeypatch, caplog):
     assert not eager.graphs
 
 
+def test_eager_when_a_traced_graph_fails_to_run(monkeypatch, caplog):
+    class Flatten(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.reshape(int(x.shape[0]) * int(x.shape[1]))  # the trace fixes this size
+
+    monkeypatch.delenv(ENV_SWITCH, raising=False)
+    graph = InferenceGraph(Flatten())
+    with torch.inference_mode():
+        graph(torch.ones(2, 3))
+        assert graph(torch.ones(2, 3)).shape == (6,) and graph.graphs
+        with caplog.at_level(logging.WARNING, logger="engine.graph"):
+            assert graph(torch.ones(4, 3)).shape == (12,)  # the graph fails, eager answers
+    assert graph.broken and not graph.graphs and "its graph failed" in caplog.text
+
+
 def test_text_tower_graph_matches_eager_for_other_batches_and_lengths(monkeypatch):
     monkeypatch.delenv(ENV_SWITCH, raising=False)
     monkeypatch.setenv(PRECISION_ENV, "fp32")
