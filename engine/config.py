@@ -106,6 +106,8 @@ class ModelConfig:
                 f"speech.hypotheses must be 1..beam_size ({self.speech.beam_size}), "
                 f"not {self.speech.hypotheses}"
             )
+        if not isinstance(self.speech.prompt, str):
+            raise ModelError(f"speech.prompt must be text, not {self.speech.prompt!r}")
         if self.speech.branch != "cascaded" and self.speech.head is None:
             raise ModelError(f"speech branch {self.speech.branch!r} needs a speech head")
         if self.version != BUNDLE_VERSION:

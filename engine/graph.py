@@ -105,15 +105,17 @@ class InferenceGraph:
             return self.module(*inputs)
         try:
             return graph(*inputs)
-        except Exception as exc:  # noqa: BLE001 - a graph that traced but fails to run (a shape
-            # the trace fixed, a fusion this CPU lacks): eager from now on, same call again
+        except Exception as exc:  # noqa: BLE001 - maybe a graph that traced but fails to run (a
+            # shape the trace fixed, a fusion this CPU lacks): if the eager module takes the same
+            # input, eager from now on; if not, the input was at fault and its error is raised
+            out = self.module(*inputs)
             log.warning(
                 "running %s eagerly: its graph failed (%s)", type(self.module).__name__, exc
             )
             with self.lock:
                 self.broken = True
                 self.graphs.clear()
-            return self.module(*inputs)
+            return out
 
     def reset(self) -> None:
         """Forget every trace (the module's weights or structure changed)."""
@@ -122,12 +124,13 @@ class InferenceGraph:
         self.broken = False
 
     def _trace(self, inputs: tuple[torch.Tensor, ...]) -> Any:
+        bf16 = self.low_precision and bf16_graphs()  # a bad XMODAL_PRECISION raises here
         try:
             with warnings.catch_warnings():
                 # shape arithmetic in Python (e.g. "same" padding) is fixed by the key
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
                 module = self.module.eval()
-                if self.low_precision and bf16_graphs():
+                if bf16:
                     # a copy; the module may hold this graph (memo: keep it, don't copy it)
                     module = _Bfloat16(copy.deepcopy(module, {id(self): self})).eval()
                 torch.jit.enable_onednn_fusion(True)

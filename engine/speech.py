@@ -34,6 +34,8 @@ TOKENS_PER_SECOND = 10  # decoding budget; caps the runaway repetitions Whisper 
 ENCODER_WIDTH = 512  # d_model of Whisper base
 PROMPT = ["<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|notimestamps|>"]
 PREVIOUS = "<|startofprev|>"  # starts the text Whisper takes as what was said before the clip
+MAX_CONTEXT_TOKENS = 223  # Whisper's own limit for that text (n_text_ctx // 2 - 1)
+MAX_DECODER_POSITIONS = 448  # Whisper's text context: prompt and transcript together
 # Whisper read this as the previous text: on 390 voiced Flickr8k *training* captions (beam 5)
 # word error rate fell from 0.277 to 0.204 (festival 0.241 → 0.150, flite 0.197 → 0.150,
 # espeak-ng 0.395 → 0.319); two other caption-like prompts gave 0.200 and 0.207.
@@ -163,44 +165,73 @@ class Whisper:
         """Up to `count` transcripts per clip, the most likely first (beam search's n-best,
         `count` ≤ `beam_size`); an empty list for silence and clips Whisper hears no speech in.
 
-        `context` is given to Whisper as the text said before the clip (e.g. `CAPTION_PROMPT`):
-        it steers spelling and vocabulary. Whisper then also hears speech in noise more
-        readily and tends to repeat the context, so whether a clip holds speech is decided
-        without it (one decoding step more), and a transcript that only repeats a sentence of
-        the context is dropped.
+        `context` is given to Whisper as the text said before the clip (e.g. `CAPTION_PROMPT`;
+        its last `MAX_CONTEXT_TOKENS` tokens): it steers spelling and vocabulary. Whisper then
+        also hears speech in noise more readily and tends to repeat the context, so whether a
+        clip holds speech is decided without it (one decoding step more), and a clip whose
+        transcripts include one that only repeats sentences of the context is transcribed again
+        without it (a person may well say one of those sentences).
         """
-        import ctranslate2
-
         if not 1 <= count <= beam_size:
             raise ModelError(f"count must be 1..beam_size ({beam_size}), not {count}")
-        states = ctranslate2.StorageView.from_array(encoded.states)
-        prompt = self.prompt
-        if context.strip():
+        n = len(encoded.states)
+        if not context.strip():
+            results = self._generate(encoded, self.prompt, beam_size, count)
+            gate = results
+        else:
             before = self.tokenizer.encode(" " + context.strip(), add_special_tokens=False).ids
+            before = before[-MAX_CONTEXT_TOKENS:]
             prompt = [self.tokenizer.token_to_id(PREVIOUS), *before, *self.prompt]
-            plain = self.model.generate(
-                states, [self.prompt] * len(encoded.states), beam_size=1, max_length=1,
-                return_no_speech_prob=True,
+            gate = self._generate(encoded, self.prompt, 1, 1, max_length=1)
+            results = self._generate(encoded, prompt, beam_size, count)
+        out = [
+            self._texts(r, silent, g.no_speech_prob)
+            for r, silent, g in zip(results, encoded.silent, gate, strict=True)
+        ]
+        echoes = set(_sentences(context))
+        again = [i for i in range(n) if any(_echoes(t, echoes) for t in out[i])]
+        if again:
+            sub = EncodedSpeech(
+                states=encoded.states[again], lengths=encoded.lengths[again],
+                silent=encoded.silent[again],
             )  # fmt: skip
-        results = self.model.generate(
-            states,
+            for i, r in zip(again, self._generate(sub, self.prompt, beam_size, count), strict=True):
+                out[i] = self._texts(r, False, 0.0)  # speech: decided by the gate above
+        return out
+
+    def _generate(
+        self, encoded: EncodedSpeech, prompt: list[int], beam_size: int, count: int,
+        max_length: int | None = None,
+    ) -> list:  # fmt: skip
+        """CTranslate2's `generate` from `prompt` on every clip. `max_length` defaults to a
+        budget of new tokens that does not depend on the prompt's length (CTranslate2 lets a
+        decoding run to min(max_length / 2, max_length - len(prompt) + 1) tokens)."""
+        import ctranslate2
+
+        if max_length is None:
+            budget = self._max_tokens(encoded)
+            max_length = min(MAX_DECODER_POSITIONS, max(budget, budget // 2 + len(prompt) - 1))
+        return self.model.generate(
+            ctranslate2.StorageView.from_array(encoded.states),
             [prompt] * len(encoded.states),
             beam_size=beam_size,
             num_hypotheses=count,
-            max_length=self._max_tokens(encoded) + len(prompt) - len(self.prompt),
+            max_length=max_length,
             return_no_speech_prob=True,
             suppress_blank=True,
         )
-        no_speech = [r.no_speech_prob for r in (plain if prompt is not self.prompt else results)]
-        echoes = set(_sentences(context))
-        out: list[list[str]] = []
-        for res, silent, p in zip(results, encoded.silent, no_speech, strict=True):
-            if silent or p > NO_SPEECH_THRESHOLD:
-                out.append([])
-                continue
-            texts = [self.tokenizer.decode(ids).strip() for ids in res.sequences_ids]
-            out.append([t for t in texts if t and not (echoes and set(_sentences(t)) <= echoes)])
-        return out
+
+    def _texts(self, result, silent: bool, no_speech: float) -> list[str]:
+        if silent or no_speech > NO_SPEECH_THRESHOLD:
+            return []
+        texts = (self.tokenizer.decode(ids).strip() for ids in result.sequences_ids)
+        return [t for t in texts if t]
+
+
+def _echoes(transcript: str, echoes: set[str]) -> bool:
+    """Whether `transcript` has words and all its sentences are among `echoes`."""
+    said = set(_sentences(transcript))
+    return bool(said) and said <= echoes
 
 
 def _sentences(text: str) -> list[str]:

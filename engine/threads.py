@@ -49,14 +49,13 @@ def one_thread_each(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
     workers. `fn` must not rely on thread-local torch state set by the caller (e.g.
     `torch.inference_mode()`: enter it inside `fn`).
     """
-    workers = min(torch.get_num_threads(), len(items))
-    if workers <= 1:
+    before = torch.get_num_threads()
+    if min(before, len(items)) <= 1:
         with threads_for(1):
             return [fn(x) for x in items]
-    pool = _pools.get(workers) or _pools.setdefault(
-        workers, ThreadPoolExecutor(workers, thread_name_prefix="xmodal-torch")
+    pool = _pools.get(before) or _pools.setdefault(  # one pool per thread count, not per call
+        before, ThreadPoolExecutor(before, thread_name_prefix="xmodal-torch")
     )
-    before = torch.get_num_threads()
 
     def on_one_thread(x: T) -> R:
         torch.set_num_threads(1)  # this worker's OpenMP setting
@@ -65,4 +64,6 @@ def one_thread_each(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
     try:
         return list(pool.map(on_one_thread, items))
     finally:
-        torch.set_num_threads(before)  # the default for threads started later
+        # set_num_threads is also torch's default for threads that start using torch later: a
+        # thread that starts while the workers run gets one thread (none in xmodal does)
+        torch.set_num_threads(before)

@@ -30,7 +30,7 @@ class Encoded:
 
 
 class Mapper:
-    """Calls the embedder of one modality in batches of `batch_size`."""
+    """Calls the embedder of one modality in batches of `batch_size` (text: `call_size`)."""
 
     def __init__(self, embedder: Embedder, *, batch_size: int = BATCH_SIZE) -> None:
         self.embedder = embedder

@@ -68,6 +68,9 @@ def test_eager_when_a_traced_graph_fails_to_run(monkeypatch, caplog):
     with torch.inference_mode():
         graph(torch.ones(2, 3))
         assert graph(torch.ones(2, 3)).shape == (6,) and graph.graphs
+        with pytest.raises(IndexError):  # bad for the eager module too: its error, graph kept
+            graph(torch.ones(5))
+        assert graph.graphs and not graph.broken
         with caplog.at_level(logging.WARNING, logger="engine.graph"):
             assert graph(torch.ones(4, 3)).shape == (12,)  # the graph fails, eager answers
     assert graph.broken and not graph.graphs and "its graph failed" in caplog.text
@@ -102,6 +105,17 @@ def test_image_backbone_graph_matches_eager_for_other_batch_sizes(monkeypatch):
         # a new tail (a bundle's tuned weights) drops the graph traced with the old one
         backbone.use_tail(backbone.tail_net)
         assert not backbone.graph.graphs
+
+
+def test_a_bad_precision_setting_is_an_error_not_a_silent_eager_tower(monkeypatch):
+    monkeypatch.delenv(ENV_SWITCH, raising=False)
+    monkeypatch.setenv(PRECISION_ENV, "half")
+    graph = InferenceGraph(_Scale(), low_precision=True)
+    with torch.inference_mode():
+        graph(torch.ones(1))
+        with pytest.raises(ValueError, match="XMODAL_PRECISION"):
+            graph(torch.ones(1))  # the call that traces
+    assert not graph.broken
 
 
 def test_precision_setting(monkeypatch):

@@ -150,7 +150,7 @@ def test_transcripts_use_the_bundles_beam_size(model, monkeypatch):
     assert seen == [(speech.beam_size, speech.hypotheses, speech.prompt)] and speech.beam_size > 1
 
 
-def test_whisper_context_keeps_noise_silent_and_drops_echoes(model, monkeypatch):
+def test_whisper_context_keeps_noise_silent_and_echoes_plain(model, monkeypatch):
     import engine.speech as sp
 
     whisper = model.whisper
@@ -159,9 +159,11 @@ def test_whisper_context_keeps_noise_silent_and_drops_echoes(model, monkeypatch)
     enc = whisper.encode([clip, noise])
     heard = whisper.hypotheses(enc, beam_size=5, context=sp.CAPTION_PROMPT)
     assert "dog" in heard[0][0].lower() and heard[1] == []
-    # a transcript that only repeats sentences of the context is dropped
-    echo = whisper.hypotheses(enc, beam_size=5, context=f"Hello there. {heard[0][0]}")
-    assert echo[0] == []
+    # a transcript that only repeats sentences of the context: the clip is heard again without
+    # it (someone may have said just that), so the result is the plain transcription
+    plain = whisper.hypotheses(enc, beam_size=5, count=2)
+    echo = whisper.hypotheses(enc, beam_size=5, count=2, context=f"Hello there. {heard[0][0]}")
+    assert echo == plain and plain[0]
     # whether a clip holds speech is decided without the context: with the echo filter off,
     # the noise still gives nothing (with the context alone Whisper "hears" the context in it)
     monkeypatch.setattr(sp, "_sentences", lambda text: [text])
@@ -262,3 +264,27 @@ def test_heads_must_match_config_on_save_and_load(bundle, tmp_path):
     save_file(tensors, str(tmp_path / "heads.safetensors"))
     with pytest.raises(ModelError, match="does not declare"):
         load_model(tmp_path)
+
+
+def test_whisper_context_leaves_the_decoding_budget_alone(model, monkeypatch):
+    """CTranslate2 decodes up to min(max_length / 2, max_length - len(prompt) + 1) new tokens:
+    with a context the budget is the same as without, and a context longer than Whisper's
+    window is cut, not an error."""
+    import engine.speech as sp
+
+    whisper = model.whisper
+    enc = whisper.encode([load_audio(FIXTURES / "dog_on_beach.wav")])
+    caps = []
+    real = whisper.model
+
+    class Spy:
+        def generate(self, states, prompts, **kw):
+            caps.append(min(kw["max_length"] // 2, kw["max_length"] - len(prompts[0]) + 1))
+            return real.generate(states, prompts, **kw)
+
+    monkeypatch.setattr(whisper, "model", Spy())
+    whisper.hypotheses(enc, beam_size=2)
+    whisper.hypotheses(enc, beam_size=2, context=sp.CAPTION_PROMPT)
+    assert caps[0] == caps[2] > 10  # caps[1]: the one-step no-speech check
+    long = " ".join(["A dog runs on the beach."] * 120)  # ~840 tokens
+    assert "dog" in whisper.hypotheses(enc, beam_size=2, context=long)[0][0].lower()
