@@ -76,18 +76,25 @@ def test_eager_when_a_traced_graph_fails_to_run(monkeypatch, caplog):
     assert graph.broken and not graph.graphs and "its graph failed" in caplog.text
 
 
-def test_text_tower_graph_matches_eager_for_other_batches_and_lengths(monkeypatch):
+TEXTS = ["a dog", "Two children are playing football in a park near an old oak tree ."]
+
+
+def _tower_traced_at_batch_1(monkeypatch, precision: str) -> tuple[MiniLMTower, np.ndarray]:
+    """MiniLM with its graph traced on TEXTS[0] alone, and the eager vectors of TEXTS."""
     monkeypatch.delenv(ENV_SWITCH, raising=False)
-    monkeypatch.setenv(PRECISION_ENV, "fp32")
+    monkeypatch.setenv(PRECISION_ENV, precision)
     tower = MiniLMTower()
-    texts = ["a dog", "Two children are playing football in a park near an old oak tree ."]
     with torch.inference_mode():
-        eager = torch.cat([tower.forward_tokens(tower.tokenize([t])) for t in texts]).numpy()
-    eager /= np.linalg.norm(eager, axis=1, keepdims=True)
-    tower.encode(texts[:1])
-    tower.encode(texts[:1])  # traced at batch 1, one length
+        eager = torch.cat([tower.forward_tokens(tower.tokenize([t])) for t in TEXTS]).numpy()
+    tower.encode(TEXTS[:1])
+    tower.encode(TEXTS[:1])  # traced at batch 1, one length
     assert tower.graph.graphs
-    np.testing.assert_allclose(tower.encode(texts), eager, atol=1e-5)  # batch 2, padded
+    return tower, eager / np.linalg.norm(eager, axis=1, keepdims=True)
+
+
+def test_text_tower_graph_matches_eager_for_other_batches_and_lengths(monkeypatch):
+    tower, eager = _tower_traced_at_batch_1(monkeypatch, "fp32")
+    np.testing.assert_allclose(tower.encode(TEXTS), eager, atol=1e-5)  # batch 2, padded
 
 
 def test_image_backbone_graph_matches_eager_for_other_batch_sizes(monkeypatch):
@@ -137,18 +144,10 @@ needs_bf16 = pytest.mark.skipif(
 def test_bfloat16_graphs_stay_close_to_float32(monkeypatch):
     """Forced bfloat16: float32 in and out, the eager module untouched, sentence vectors within
     bfloat16 rounding (cosine ≥ 0.999) of float32."""
-    monkeypatch.delenv(ENV_SWITCH, raising=False)
-    monkeypatch.setenv(PRECISION_ENV, "bf16")
-    tower = MiniLMTower()
-    texts = ["a dog", "Two children are playing football in a park near an old oak tree ."]
-    with torch.inference_mode():
-        eager = torch.cat([tower.forward_tokens(tower.tokenize([t])) for t in texts]).numpy()
-    eager /= np.linalg.norm(eager, axis=1, keepdims=True)
-    tower.encode(texts[:1])
-    tower.encode(texts[:1])
+    tower, eager = _tower_traced_at_batch_1(monkeypatch, "bf16")
     (graph,) = tower.graph.graphs.values()
     assert graph.original_name == "_Bfloat16"
-    out = tower.encode(texts)
+    out = tower.encode(TEXTS)
     assert out.dtype == np.float32
     assert (out * eager).sum(1).min() > 0.999
     assert next(tower.model.parameters()).dtype == torch.float32
