@@ -62,12 +62,29 @@ def load_average() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def reference_ms(loops: int = 1_000_000, runs: int = 5) -> float:
+    """Median milliseconds of a fixed pure-Python loop: the machine's speed *now*.
+
+    The project's VMs change speed between and even within sessions (a fused EfficientNet graph
+    took 7.2 ms at one hour and 12–15 ms the next, same code): tables whose reference differs
+    were measured in different states and compare only through their in-run ratios.
+    """
+    times = []
+    for _ in range(runs):
+        start, total = time.perf_counter(), 0
+        for i in range(loops):
+            total += i
+        times.append(time.perf_counter() - start)
+    return 1e3 * sorted(times)[runs // 2]
+
+
 def machine_line() -> str:
-    """One line naming the machine, its cores, memory and current load."""
+    """One line naming the machine, its cores, memory, current load and reference speed."""
     mem = os.sysconf("SC_PHYS_PAGES") * PAGE / 2**30
     return (
         f"{platform.node()}, {cpu_model()}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, "
-        f"Python {platform.python_version()}, load average {load_average()}"
+        f"Python {platform.python_version()}, load average {load_average()}, "
+        f"reference loop {reference_ms():.1f} ms (`_common.reference_ms`; lower = faster state)"
     )
 
 
