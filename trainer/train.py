@@ -43,6 +43,7 @@ from engine.speech import CAPTION_PROMPT, cache_root
 from engine.vision import pool
 from trainer.evaluate import recall_at_k
 from trainer.features import (
+    IMAGE_VIEWS,
     crop_views,
     image_features,
     image_trunks,
@@ -440,7 +441,7 @@ def main(
     with_speech = bool(speech_manifests)
     mcfg = model_config(cfg, name=name, with_speech=with_speech)
     stage_dir = out_dir / "image_stage"
-    views = ("orig", "flip", *crop_views(cfg.crop_views))
+    views = (*IMAGE_VIEWS, *crop_views(cfg.crop_views))
     manifests = [str(Path(p).resolve()) for p in (manifest, *extra_manifests)]
     stage_data = {"manifests": manifests, "views": list(views)}
     if resume and _stage_matches(stage_dir, mcfg, stage_data):
