@@ -170,6 +170,50 @@ def test_whisper_context_keeps_noise_silent_and_echoes_plain(model, monkeypatch)
     assert whisper.hypotheses(enc, beam_size=5, context=sp.CAPTION_PROMPT)[1] == []
 
 
+def test_whisper_runs_a_batch_in_parts_side_by_side_with_the_same_results(model, monkeypatch):
+    import threading
+
+    import engine.speech as sp
+
+    whisper = model.whisper
+    dog = load_audio(FIXTURES / "dog_on_beach.wav")
+    kids = load_audio(FIXTURES / "kids_football.wav")
+    noise = np.random.default_rng(1).normal(0, 0.05, 3 * SAMPLE_RATE).astype(np.float32)
+    clips = [dog, kids, noise, dog[: len(dog) // 2]]
+
+    class Spy:  # records which thread ran each CTranslate2 call, on how many clips
+        def __init__(self, ct2):
+            self.ct2, self.calls = ct2, []
+
+        def encode(self, features, **kw):
+            self.calls.append(("encode", threading.current_thread().name, features.shape[0]))
+            return self.ct2.encode(features, **kw)
+
+        def generate(self, features, prompts, **kw):
+            self.calls.append(("generate", threading.current_thread().name, len(prompts)))
+            return self.ct2.generate(features, prompts, **kw)
+
+    def run(workers):
+        monkeypatch.setattr(whisper, "workers", workers)
+        spy = Spy(whisper.model)
+        monkeypatch.setattr(whisper, "model", spy)
+        enc = whisper.encode(clips)
+        heard = whisper.hypotheses(enc, beam_size=5, count=2, context=sp.CAPTION_PROMPT)
+        monkeypatch.setattr(whisper, "model", spy.ct2)
+        return enc, heard, spy.calls
+
+    enc1, heard1, calls1 = run(1)
+    enc3, heard3, calls3 = run(3)
+    assert {(c[0], c[2]) for c in calls1} == {("encode", 4), ("generate", 4)}
+    # three parts (2 + 1 + 1 clips) per call, on the worker threads, in order
+    assert sorted(c[2] for c in calls3 if c[0] == "encode") == [1, 1, 2]
+    assert all(c[1].startswith("xmodal-whisper") for c in calls3)
+    np.testing.assert_allclose(enc3.states, enc1.states, atol=1e-5)
+    np.testing.assert_array_equal(enc3.lengths, enc1.lengths)
+    assert heard3 == heard1
+    assert "dog" in heard1[0][0].lower() and heard1[2] == [] and "dog" in heard1[3][0].lower()
+
+
 def test_cascaded_vector_averages_the_n_best(bundle, model, tmp_path):
     import dataclasses
 
