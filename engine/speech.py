@@ -107,11 +107,14 @@ class Whisper:
     """Whisper base on the CPU: `encode()` for encoder states, `transcribe()`/`hypotheses()` for
     text.
 
-    CTranslate2 runs `threads` workers of one thread each, and a batch is split into one part
-    per worker, run side by side (CTranslate2 releases the GIL). On this project's 2-core
-    machine, beside `OMP_WAIT_POLICY=PASSIVE` (engine/__init__.py), that beat one worker of two
-    threads on the same transcripts: 368 instead of 609 ms for one 3.6 s clip (prompted beam
-    search 5, 3 hypotheses, encoder included), 196 instead of 263 ms per clip in batches of 16.
+    CTranslate2 runs `threads` workers of one thread each, and each clip of a batch is encoded
+    and decoded on its own, the workers side by side (CTranslate2 releases the GIL). On this
+    project's 2-core machine, beside `OMP_WAIT_POLICY=PASSIVE` (engine/__init__.py), one
+    worker of two threads took 609 ms for one 3.6 s clip (prompted beam search 5, 3
+    hypotheses, encoder included), one worker of one thread 368 ms; over 64 clips (batches of
+    32, same transcripts every time) two such workers took 188 ms per clip given half a batch
+    each, 168 given two clips per call, 147 given one (beam search gains nothing from batching
+    here, and a batch decodes as long as its longest transcript).
     """
 
     def __init__(self, model_dir: str | Path | None = None, *, threads: int | None = None) -> None:
@@ -243,15 +246,14 @@ class Whisper:
         return [r for part in self._side_by_side(generate, len(encoded.states)) for r in part]
 
     def _side_by_side(self, fn: Callable[[slice], object], n: int) -> list:
-        """`fn(rows)` for up to `self.workers` consecutive slices of `range(n)`, run at once on
-        CTranslate2's workers; results in order."""
-        bounds = np.linspace(0, n, min(self.workers, n) + 1).round().astype(int)
-        parts = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)] or [slice(0, 0)]
-        if len(parts) == 1:
-            return [fn(parts[0])]
+        """`fn(rows)` for each clip's one-row slice of `range(n)`, on `self.workers` threads at
+        once (each call lands on a free CTranslate2 worker); results in order."""
+        rows = [slice(i, i + 1) for i in range(n)] or [slice(0, 0)]
+        if len(rows) == 1 or self.workers == 1:
+            return [fn(r) for r in rows]
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="xmodal-whisper")
-        return list(self._pool.map(fn, parts))
+        return list(self._pool.map(fn, rows))
 
     def _texts(self, result, silent: bool, no_speech: float) -> list[str]:
         if silent or no_speech > NO_SPEECH_THRESHOLD:

@@ -170,7 +170,7 @@ def test_whisper_context_keeps_noise_silent_and_echoes_plain(model, monkeypatch)
     assert whisper.hypotheses(enc, beam_size=5, context=sp.CAPTION_PROMPT)[1] == []
 
 
-def test_whisper_runs_a_batch_in_parts_side_by_side_with_the_same_results(model, monkeypatch):
+def test_whisper_runs_a_batch_clip_by_clip_side_by_side_with_the_same_results(model, monkeypatch):
     import threading
 
     import engine.speech as sp
@@ -204,14 +204,20 @@ def test_whisper_runs_a_batch_in_parts_side_by_side_with_the_same_results(model,
 
     enc1, heard1, calls1 = run(1)
     enc3, heard3, calls3 = run(3)
-    assert {(c[0], c[2]) for c in calls1} == {("encode", 4), ("generate", 4)}
-    # three parts (2 + 1 + 1 clips) per call, on the worker threads, in order
-    assert sorted(c[2] for c in calls3 if c[0] == "encode") == [1, 1, 2]
+    # one clip per CTranslate2 call: in the caller's thread with one worker, else on the pool
+    assert {c[2] for c in calls1} == {c[2] for c in calls3} == {1}
+    assert [c[0] for c in calls1].count("encode") == [c[0] for c in calls3].count("encode") == 4
+    assert {c[1] for c in calls1} == {threading.current_thread().name}
     assert all(c[1].startswith("xmodal-whisper") for c in calls3)
-    np.testing.assert_allclose(enc3.states, enc1.states, atol=1e-5)
-    np.testing.assert_array_equal(enc3.lengths, enc1.lengths)
-    assert heard3 == heard1
-    assert "dog" in heard1[0][0].lower() and heard1[2] == [] and "dog" in heard1[3][0].lower()
+    # the same states and transcripts as one call on the whole batch, in the batch's order
+    monkeypatch.setattr(whisper, "_side_by_side", lambda fn, n: [fn(slice(0, n))])
+    enc, heard, calls = run(3)
+    assert {c[2] for c in calls} == {4}
+    for got in (enc1, enc3):
+        np.testing.assert_allclose(got.states, enc.states, atol=1e-5)
+        np.testing.assert_array_equal(got.lengths, enc.lengths)
+    assert heard1 == heard3 == heard
+    assert "dog" in heard[0][0].lower() and heard[2] == [] and "dog" in heard[3][0].lower()
 
 
 def test_cascaded_vector_averages_the_n_best(bundle, model, tmp_path):
