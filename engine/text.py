@@ -15,6 +15,7 @@ import torch
 from engine.embedder import l2_normalize
 from engine.errors import ModelError
 from engine.graph import InferenceGraph
+from engine.threads import one_thread_each
 
 log = logging.getLogger(__name__)
 
@@ -76,17 +77,27 @@ class MiniLMTower:
 
         Texts are batched shortest first, so a batch pads its texts to similar lengths (512
         notes of 40–128 tokens: 1.27× the texts per second of batches in the given order).
+        The batches run side by side, one per torch thread, each on one thread
+        (`one_thread_each`; a call of fewer than `batch_size` texts per thread makes smaller
+        batches): 1,024 dev captions at batch 32 on this project's 2-core machine, 961 texts/s
+        on two threads per batch, ~1,600 on one thread per batch, two batches at a time.
         """
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         order = np.argsort([len(t) for t in texts], kind="stable")
-        with torch.inference_mode():
-            for start in range(0, len(texts), batch_size):
-                rows = order[start : start + batch_size]
+        workers = torch.get_num_threads()
+        size = max(1, min(batch_size, -(-len(texts) // workers)))
+        batches = [order[start : start + size] for start in range(0, len(texts), size)]
+
+        def run(rows: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
                 batch = self.tokenize([texts[i] for i in rows])
                 states = self.graph(
                     batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
                 )
-                out[rows] = _mean_pool(states, batch["attention_mask"])
+                return _mean_pool(states, batch["attention_mask"]).numpy()
+
+        for rows, vectors in zip(batches, one_thread_each(run, batches), strict=True):
+            out[rows] = vectors
         return l2_normalize(out)
 
 

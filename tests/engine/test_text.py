@@ -79,3 +79,43 @@ def test_encode_batches_shortest_first_and_keeps_the_order(monkeypatch):
     together = tower.encode(texts, batch_size=2)  # [a dog, a red car …], then the long one
     np.testing.assert_allclose(together, alone, atol=1e-5)
     assert not np.allclose(alone[0], alone[1], atol=1e-2)
+
+
+def test_encode_runs_its_batches_side_by_side_one_thread_each(monkeypatch):
+    import threading
+
+    import torch
+
+    from engine.graph import PRECISION_ENV
+    from engine.text import MiniLMTower
+
+    monkeypatch.setenv(PRECISION_ENV, "fp32")
+    tower = MiniLMTower()
+    texts = [f"a photo of {n} dogs running on a sunny beach" for n in range(12)] + ["a cat"]
+    seen = []
+    graph = tower.graph
+
+    def spy(ids, mask, types):
+        seen.append((threading.current_thread().name, torch.get_num_threads(), len(ids)))
+        return graph(ids, mask, types)
+
+    monkeypatch.setattr(tower, "graph", spy)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = tower.encode(texts, batch_size=4)
+        assert sorted(n for _, _, n in seen) == [1, 4, 4, 4]
+        assert all(name.startswith("xmodal-torch") and k == 1 for name, k, _ in seen)
+        seen.clear()
+        torch.set_num_threads(1)
+        one = tower.encode(texts, batch_size=4)
+        assert {name for name, _, _ in seen} == {threading.current_thread().name}
+        # a call of fewer texts than two full batches: one smaller batch per thread
+        seen.clear()
+        torch.set_num_threads(2)
+        tower.encode(texts[:6], batch_size=32)
+        assert [n for _, _, n in seen] == [3, 3]
+    finally:
+        torch.set_num_threads(before)
+    np.testing.assert_allclose(two, one, atol=1e-5)
+    np.testing.assert_allclose(two[:1], tower.encode(texts[:1]), atol=1e-5)
