@@ -114,7 +114,11 @@ class Whisper:
     hypotheses, encoder included), one worker of one thread 368 ms; over 64 clips (batches of
     32, same transcripts every time) two such workers took 188 ms per clip given half a batch
     each, 168 given two clips per call, 147 given one (beam search gains nothing from batching
-    here, and a batch decodes as long as its longest transcript).
+    here, and a batch decodes as long as its longest transcript). Measured on 2 cores only: on
+    more cores a lone clip still gets one thread. The encoders benchmark's parallel branch at
+    batch 1 (encoder pass only) fell from 69.5 to 43.7× real time in the run after this
+    change, though a probe of a lone encoder pass found two threads no faster
+    (benchmarks/RESULTS.md, "Encoder speed", 2026-11-29 12:01).
     """
 
     def __init__(self, model_dir: str | Path | None = None, *, threads: int | None = None) -> None:
@@ -128,7 +132,9 @@ class Whisper:
         self.model = ctranslate2.models.Whisper(
             str(path), device="cpu", compute_type="int8", inter_threads=threads, intra_threads=1
         )
-        self._pool: ThreadPoolExecutor | None = None
+        # threads start on first use; made here, not lazily, so callers on several threads
+        # share one pool
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="xmodal-whisper")
         self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
         self.prompt = [self.tokenizer.token_to_id(t) for t in PROMPT]
         if None in self.prompt:
@@ -251,8 +257,6 @@ class Whisper:
         rows = [slice(i, i + 1) for i in range(n)] or [slice(0, 0)]
         if len(rows) == 1 or self.workers == 1:
             return [fn(r) for r in rows]
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="xmodal-whisper")
         return list(self._pool.map(fn, rows))
 
     def _texts(self, result, silent: bool, no_speech: float) -> list[str]:

@@ -392,3 +392,11 @@ def test_eval_command_warns_prints_the_table_and_writes_json(
         "queries": 4,
         "candidates": 3,
     }
+
+
+def test_recall_percentages_are_the_nearest_floats():
+    # 824 of 1,000 queries hit: 100 * mean gives 82.39999999999999, which JSON shows as is
+    eye = np.eye(1000, dtype=np.float32)
+    relevant = [{i} if i < 824 else {(i + 1) % 1000} for i in range(1000)]
+    result = recall_at_k(eye, eye, relevant, ks=(1,))
+    assert result["R@1"] == 82.4 and json.dumps(result["R@1"]) == "82.4"
