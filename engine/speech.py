@@ -127,7 +127,7 @@ class Whisper:
         from transformers import WhisperFeatureExtractor
 
         path = prepare_whisper(model_dir)
-        threads = threads or int(os.environ.get("XMODAL_THREADS", 0)) or min(os.cpu_count() or 1, 4)
+        threads = threads or int(os.environ.get("XMODAL_THREADS", 0)) or min(_usable_cpus(), 4)
         self.workers = threads
         self.model = ctranslate2.models.Whisper(
             str(path), device="cpu", compute_type="int8", inter_threads=threads, intra_threads=1
@@ -264,6 +264,14 @@ class Whisper:
             return []
         texts = (self.tokenizer.decode(ids).strip() for ids in result.sequences_ids)
         return [t for t in texts if t]
+
+
+def _usable_cpus() -> int:
+    """CPUs this process may run on (a container's or `taskset`'s set, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
 
 
 def _echoes(transcript: str, echoes: set[str]) -> bool:

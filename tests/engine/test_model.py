@@ -338,3 +338,15 @@ def test_whisper_context_leaves_the_decoding_budget_alone(model, monkeypatch):
     assert caps[0] == caps[2] > 10  # caps[1]: the one-step no-speech check
     long = " ".join(["A dog runs on the beach."] * 120)  # ~840 tokens
     assert "dog" in whisper.hypotheses(enc, beam_size=2, context=long)[0][0].lower()
+
+
+def test_whisper_workers_follow_the_cpus_this_process_may_use(monkeypatch):
+    import engine.speech as sp
+
+    monkeypatch.delenv("XMODAL_THREADS", raising=False)
+    monkeypatch.setattr(sp.os, "sched_getaffinity", lambda pid: {0, 3, 5}, raising=False)
+    assert sp._usable_cpus() == 3
+    monkeypatch.setattr(sp, "_usable_cpus", lambda: 1)
+    assert sp.Whisper().workers == 1
+    monkeypatch.setenv("XMODAL_THREADS", "3")
+    assert sp.Whisper().workers == 3
