@@ -79,8 +79,9 @@ class MiniLMTower:
         notes of 40–128 tokens: 1.27× the texts per second of batches in the given order).
         The batches run side by side, one per torch thread, each on one thread
         (`one_thread_each`; a call of fewer than `batch_size` texts per thread makes smaller
-        batches): 1,024 dev captions at batch 32 on this project's 2-core machine, 961 texts/s
-        on two threads per batch, ~1,600 on one thread per batch, two batches at a time.
+        batches): 1,024 dev captions at batch 32 on this project's 2-core machine, 971–1,050
+        texts/s on two threads per batch, 1,480–1,610 on one thread per batch, two batches at a
+        time (same vectors; benchmarks/RESULTS.md, "Encoder speed", 2026-11-29 12:01).
         """
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         order = np.argsort([len(t) for t in texts], kind="stable")
