@@ -150,19 +150,22 @@ def file_and_loaded_bytes(faiss, index, scratch: Path, flags: int = 0) -> tuple[
     return size, held
 
 
+def _refine_sweep(refine, ivf, probes, factors) -> list[tuple[str, object]]:
+    """(label, setter) pairs over nprobe of `ivf` × k_factor of `refine` (the re-ranking depth)."""
+    return [(f"nprobe={p} k_factor={kf}",
+             lambda p=p, kf=kf: (setattr(refine, "k_factor", kf), setattr(ivf, "nprobe", p)))
+            for p in probes for kf in factors if p <= ivf.nlist]  # fmt: skip
+
+
 def sweep(faiss, index, factory: str) -> list[tuple[str, object]]:
     """(label, setter) pairs for the query-time knob of `factory`."""
     inner = index
     if "RFlat" in factory:
-        ivf = faiss.extract_index_ivf(index.base_index)
-        return [(f"nprobe={p} k_factor={kf}",
-                 lambda p=p, kf=kf: (setattr(index, "k_factor", kf), setattr(ivf, "nprobe", p)))
-                for p in (16, 32, 64) for kf in K_FACTOR if p <= ivf.nlist]  # fmt: skip
+        return _refine_sweep(index, faiss.extract_index_ivf(index.base_index), (16, 32, 64),
+                             K_FACTOR)  # fmt: skip
     if REFINE_PQ.search(factory):
-        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
-        return [(f"nprobe={p} k_factor={kf}",
-                 lambda p=p, kf=kf: (setattr(ivf, "k_factor", kf), setattr(ivf, "nprobe", p)))
-                for p in (32, 64, 128) for kf in (16, 32) if p <= ivf.nlist]  # fmt: skip
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))  # IndexIVFPQR: its k_factor
+        return _refine_sweep(ivf, ivf, (32, 64, 128), (16, 32))
     if "HNSW" in factory:
         hnsw = faiss.downcast_index(inner)
         return [(f"efSearch={ef}", lambda ef=ef: setattr(hnsw.hnsw, "efSearch", ef))

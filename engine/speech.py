@@ -254,8 +254,8 @@ class Whisper:
     def _side_by_side(self, fn: Callable[[slice], object], n: int) -> list:
         """`fn(rows)` for each clip's one-row slice of `range(n)`, on `self.workers` threads at
         once (each call lands on a free CTranslate2 worker); results in order."""
-        rows = [slice(i, i + 1) for i in range(n)] or [slice(0, 0)]
-        if len(rows) == 1 or self.workers == 1:
+        rows = [slice(i, i + 1) for i in range(n)]
+        if len(rows) <= 1 or self.workers == 1:
             return [fn(r) for r in rows]
         return list(self._pool.map(fn, rows))
 
