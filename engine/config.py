@@ -16,6 +16,7 @@ CONFIG_FILE = "config.json"
 TEXT_TOWERS = ("minilm", "e5")
 IMAGE_BACKBONES = ("efficientnet-lite0",)
 SPEECH_BRANCHES = ("cascaded", "parallel", "fused")
+MAX_IMAGE_HEADS = 16
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class ImageTowerConfig:
     pooling: str = "meanmax"  # how the final feature map becomes one vector
     tuned_tail: bool = False  # the bundle carries tuned weights of the backbone's tail
     head: HeadConfig = field(default_factory=lambda: HeadConfig(in_dim=2560, out_dim=384))
+    heads: int = 1  # heads of this shape trained apart, their unit outputs averaged (ensemble)
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,8 @@ class ModelConfig:
             raise ModelError(
                 f"unknown image backbone {self.image.backbone!r}; available: {IMAGE_BACKBONES}"
             )
+        if not 1 <= self.image.heads <= MAX_IMAGE_HEADS:
+            raise ModelError(f"image.heads must be 1..{MAX_IMAGE_HEADS}, not {self.image.heads}")
         if self.speech.branch not in SPEECH_BRANCHES:
             raise ModelError(
                 f"unknown speech branch {self.speech.branch!r}; available: {SPEECH_BRANCHES}"

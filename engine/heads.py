@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from engine.config import HeadConfig, SpeechHeadConfig
@@ -30,6 +31,18 @@ class MLPHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.net(x)
         return x + y if self.residual else y
+
+
+class HeadEnsemble(nn.Module):
+    """`n` heads of one shape, trained apart: the mean of their L2-normalized outputs (not itself
+    normalized). Averaging heads that overfit differently cuts their variance."""
+
+    def __init__(self, cfg: HeadConfig, n: int) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(MLPHead(cfg) for _ in range(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([F.normalize(m(x), dim=-1) for m in self.members]).mean(0)
 
 
 class SpeechHead(nn.Module):

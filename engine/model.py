@@ -22,7 +22,7 @@ from PIL import Image
 from engine.config import CONFIG_FILE, ModelConfig
 from engine.embedder import SpeechEmbedding, l2_normalize
 from engine.errors import ModelError, QueryError
-from engine.heads import MLPHead, SpeechHead, lengths_to_mask
+from engine.heads import HeadEnsemble, MLPHead, SpeechHead, lengths_to_mask
 from engine.media import SAMPLE_RATE
 from engine.threads import one_thread_each, threads_for
 
@@ -331,7 +331,11 @@ def build_heads(config: ModelConfig, *, pretrained: bool = True) -> dict[str, to
         return copy.deepcopy(tower.layers[len(tower.layers) - config.text.tuned_layers :])
 
     makers = {
-        "image": lambda: MLPHead(config.image.head),
+        "image": lambda: (
+            MLPHead(config.image.head)
+            if config.image.heads == 1
+            else HeadEnsemble(config.image.head, config.image.heads)
+        ),
         "image_tail": image_tail,
         "text_top": text_top,
         "text": lambda: MLPHead(config.text.head),

@@ -180,6 +180,13 @@ def eval_command(
     help="Peak learning rate of the tuned text layers.",
 )
 @click.option(
+    "--image-heads",
+    type=click.IntRange(min=1, max=16),
+    default=1,
+    help="Image heads averaged: the image stage's own, plus this many minus one trained from "
+    "other seeds against its finished text side (an ensemble; cheap to train and to run).",
+)
+@click.option(
     "--hypotheses",
     type=click.IntRange(min=1, max=5),
     default=3,
@@ -214,6 +221,7 @@ def train(
     tail_lr: float,
     text_layers: int,
     text_lr: float,
+    image_heads: int,
     hypotheses: int,
     whisper_prompt: str | None,
     name: str,
@@ -240,6 +248,7 @@ def train(
         tail_lr=tail_lr,
         text_layers=text_layers,
         text_lr=text_lr,
+        image_heads=image_heads,
         hypotheses=hypotheses,
         whisper_prompt=whisper_prompt,
         name=name,

@@ -1,7 +1,8 @@
 """Training the aligned model around the frozen text hub, on cached frozen-backbone features.
 
 Stage 1 aligns the image head (and an optional residual text adapter) to the text tower with
-symmetric InfoNCE. Stage 2 distills the parallel speech head from the text side on spoken
+symmetric InfoNCE; optionally more image heads are then trained against the finished text side
+and averaged with it (an ensemble). Stage 2 distills the parallel speech head from the text side on spoken
 captions: `α·InfoNCE + β·(‖f_s − f_t‖² + λ·KL)`, the teacher frozen. A slice of the training
 images is held out to pick the best epoch, so the dev split is only ever measured.
 """
@@ -31,7 +32,7 @@ from engine.config import (
     TextTowerConfig,
 )
 from engine.errors import XmodalError
-from engine.heads import lengths_to_mask
+from engine.heads import HeadEnsemble, lengths_to_mask
 from engine.model import (
     AlignedModel,
     build_heads,
@@ -86,6 +87,7 @@ class TrainConfig:
     tail_lr: float = 1e-4  # peak learning rate of the tuned tail
     text_layers: int = 0  # also tune this many top MiniLM layers (0 = frozen text tower)
     text_lr: float = 2e-5  # peak learning rate of the tuned text layers
+    image_heads: int = 1  # image heads averaged (the stage's own + more against its text side)
     seed: int = 0  # seeds data order, initialisation and dropout
 
 
@@ -209,10 +211,21 @@ def text_side(
     return F.normalize(text_head(t) if text_head is not None else t, dim=-1)
 
 
-def train_image_stage(data: ImageData, cfg: TrainConfig, model_cfg: ModelConfig):
+def held_out_images(n_images: int, cfg: TrainConfig, seed: int | None = None) -> list[int]:
+    """The training images held out to pick the epoch (drawn with `seed`, default `cfg.seed`)."""
+    rng = np.random.default_rng(cfg.seed if seed is None else seed)
+    return sorted(
+        rng.choice(n_images, size=min(cfg.val_images, n_images // 5), replace=False).tolist()
+    )
+
+
+def train_image_stage(
+    data: ImageData, cfg: TrainConfig, model_cfg: ModelConfig, *, val_seed: int | None = None
+):
     """Train the image head (and text adapter); returns the best epoch's heads and the history.
 
     The image head comes back with the feature standardization folded into its first layer.
+    The held-out images are drawn with `val_seed` (default: `cfg.seed`).
     """
     heads = {k: h for k, h in build_heads(model_cfg).items() if k != "speech"}
     image_head, text_head, tail = heads["image"], heads.get("text"), heads.get("image_tail")
@@ -223,11 +236,7 @@ def train_image_stage(data: ImageData, cfg: TrainConfig, model_cfg: ModelConfig)
         raise XmodalError("tuning text layers needs the cached token states (load_image_data)")
     feats = data.image_feats
     std = _Standardize(feats[0].mean(0), feats[0].std(0) + 1e-3)
-    rng = np.random.default_rng(cfg.seed)
-    n_images = feats.shape[1]
-    val_ids = sorted(
-        rng.choice(n_images, size=min(cfg.val_images, n_images // 5), replace=False).tolist()
-    )
+    val_ids = held_out_images(feats.shape[1], cfg, val_seed)
     val_set = set(val_ids)
     train_caps = torch.tensor(
         [c for c in range(len(data.captions)) if int(data.caption_image[c]) not in val_set]
@@ -301,6 +310,70 @@ def train_image_stage(data: ImageData, cfg: TrainConfig, model_cfg: ModelConfig)
         h.eval().requires_grad_(False)
     fold_standardization(image_head, std)
     return heads, history
+
+
+def ensemble_image_heads(
+    data: ImageData, heads: dict[str, torch.nn.Module], cfg: TrainConfig, model_cfg: ModelConfig
+) -> tuple[HeadEnsemble, dict[str, list]]:
+    """The finished stage's image head and `cfg.image_heads - 1` more, averaged.
+
+    Each new head is trained from its own seed on the stage's image features (through its tuned
+    tail) against its text vectors (through its tuned text side), both fixed now, so the space
+    the text and speech towers map into does not move. The held-out images are the stage's.
+    Returns the ensemble and a history: each new head's epochs, and the held-out recall of the
+    first k heads averaged, for every k (the held-out images are the stage's, unseen by all).
+    """
+    tail, text_top, text_head = heads.get("image_tail"), heads.get("text_top"), heads.get("text")
+    step = 512
+    with torch.no_grad():
+        if tail is None:
+            feats = data.image_feats
+        else:
+            n = data.trunks.shape[1]
+            feats = torch.stack(
+                [
+                    torch.cat([pool(tail(t[i : i + step].float())) for i in range(0, n, step)])
+                    for t in data.trunks
+                ]
+            )
+        caps = torch.arange(len(data.captions))
+        text = torch.cat(
+            [
+                text_side(data, caps[i : i + step], text_top=text_top, text_head=text_head)
+                for i in range(0, len(caps), step)
+            ]
+        )
+    fixed = ImageData(data.images, data.captions, data.caption_image, feats, text)
+    member_cfg = dataclasses.replace(
+        model_cfg,
+        text=TextTowerConfig(tower=model_cfg.text.tower),
+        image=dataclasses.replace(model_cfg.image, tuned_tail=False, heads=1),
+    )
+    ensemble = HeadEnsemble(model_cfg.image.head, cfg.image_heads).eval()
+    ensemble.members[0].load_state_dict(heads["image"].state_dict())
+    val_ids = held_out_images(feats.shape[1], cfg)
+    history: dict[str, list] = {"heads": [], "ensemble_val": []}
+
+    def held_out(k: int) -> dict[str, dict]:
+        def img_fn(image_ids):
+            x = feats[0, torch.as_tensor(image_ids)]
+            return F.normalize(sum(F.normalize(h(x), dim=-1) for h in ensemble.members[:k]), dim=-1)
+
+        val = image_recall((img_fn, lambda caps: text[caps]), fixed, val_ids)
+        log.info("%d image heads, held-out: t→i R@1 %.1f, i→t R@1 %.1f", k,
+                 val["text->image"]["R@1"], val["image->text"]["R@1"])  # fmt: skip
+        return {"heads": k, **val}
+
+    history["ensemble_val"].append(held_out(1))
+    for m in range(1, cfg.image_heads):
+        log.info("image head %d of %d", m + 1, cfg.image_heads)
+        seed_everything(cfg.seed + m)
+        member_train = dataclasses.replace(cfg, seed=cfg.seed + m)
+        member, epochs = train_image_stage(fixed, member_train, member_cfg, val_seed=cfg.seed)
+        ensemble.members[m].load_state_dict(member["image"].state_dict())
+        history["heads"].append(epochs)
+        history["ensemble_val"].append(held_out(m + 1))
+    return ensemble.requires_grad_(False), history
 
 
 # -- speech stage -------------------------------------------------------------------------------
@@ -381,6 +454,7 @@ def model_config(cfg: TrainConfig, *, name: str, with_speech: bool) -> ModelConf
                 in_dim=2560, out_dim=384, hidden_dim=cfg.hidden_dim, dropout=cfg.dropout
             ),
             tuned_tail=cfg.tune_tail,
+            heads=cfg.image_heads,
         ),
         speech=SpeechTowerConfig(
             branch="fused" if with_speech else "cascaded",
@@ -440,25 +514,37 @@ def main(
     out_dir.mkdir(parents=True, exist_ok=True)
     with_speech = bool(speech_manifests)
     mcfg = model_config(cfg, name=name, with_speech=with_speech)
+    stage_mcfg = dataclasses.replace(mcfg, image=dataclasses.replace(mcfg.image, heads=1))
     stage_dir = out_dir / "image_stage"
     views = (*IMAGE_VIEWS, *crop_views(cfg.crop_views))
     manifests = [str(Path(p).resolve()) for p in (manifest, *extra_manifests)]
     stage_data = {"manifests": manifests, "views": list(views)}
-    if resume and _stage_matches(stage_dir, mcfg, stage_data):
+
+    def image_data() -> ImageData:
+        return load_image_data(
+            Path(manifest), cache_dir, views=views, trunks=cfg.tune_tail,
+            text_layers=cfg.text_layers, extra=tuple(Path(p) for p in extra_manifests),
+        )  # fmt: skip
+
+    data = None
+    if resume and _stage_matches(stage_dir, stage_mcfg, stage_data):
         log.info("resuming: image stage loaded from %s", stage_dir)
         heads = dict(load_model(stage_dir).heads)
         history = json.loads((stage_dir / "history.json").read_text())
     else:
-        data = load_image_data(
-            Path(manifest), cache_dir, views=views, trunks=cfg.tune_tail,
-            text_layers=cfg.text_layers, extra=tuple(Path(p) for p in extra_manifests),
-        )  # fmt: skip
-        heads, history = train_image_stage(data, cfg, mcfg)
+        data = image_data()
+        heads, history = train_image_stage(data, cfg, stage_mcfg)
         round_to_half(heads)  # half the bundle's bytes; the speech stage learns on these
-        stage_cfg = dataclasses.replace(mcfg, speech=SpeechTowerConfig())
+        stage_cfg = dataclasses.replace(stage_mcfg, speech=SpeechTowerConfig())
         AlignedModel(stage_cfg, heads, fingerprint="stage").save(stage_dir)
         (stage_dir / "history.json").write_text(json.dumps(history, indent=2) + "\n")
         (stage_dir / STAGE_DATA).write_text(json.dumps(stage_data, indent=2) + "\n")
+    ensemble_history: dict[str, list] = {}
+    if cfg.image_heads > 1:
+        heads["image"], ensemble_history = ensemble_image_heads(
+            data or image_data(), heads, cfg, mcfg
+        )
+        round_to_half({"image": heads["image"]})
     if with_speech:
         heads["speech"] = build_heads(mcfg)["speech"]
     model = AlignedModel(mcfg, heads, fingerprint="training")
@@ -477,6 +563,7 @@ def main(
             {
                 "config": dataclasses.asdict(cfg),
                 "image_history": history,
+                "ensemble_history": ensemble_history,
                 "speech_history": speech_history,
             },
             indent=2,

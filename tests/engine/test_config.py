@@ -34,6 +34,8 @@ def test_round_trip(tmp_path):
         ({"speech": {"beam_size": 2, "hypotheses": 3}}, "hypotheses must be 1..beam_size"),
         ({"version": 99}, "not supported"),
         ({"image": {"head": {"in_dim": 3}}}, "malformed"),
+        ({"image": {"heads": 0}}, "image.heads must be 1..16"),
+        ({"image": {"heads": 17}}, "image.heads must be 1..16"),
     ],
 )
 def test_bad_configs(change, match):

@@ -189,3 +189,62 @@ def test_bundles_carry_the_whisper_prompt(tmp_path):
     assert none.speech.prompt == ""
     mcfg.save(tmp_path)
     assert ModelConfig.load(tmp_path).speech.prompt == CAPTION_PROMPT
+
+
+def test_image_head_ensemble_trains_against_the_fixed_text_side(monkeypatch, tmp_path):
+    """`image_heads` > 1: the stage's head plus heads trained from other seeds against the
+    stage's finished text side (adapter included); the bundle averages their unit outputs."""
+    T.seed_everything(0)
+    data = _synthetic()
+    cfg = T.TrainConfig(
+        epochs=4, batch_size=32, lr=2e-3, hidden_dim=256, val_images=24, image_heads=3
+    )
+    mcfg = T.model_config(cfg, name="ens", with_speech=False)
+    assert mcfg.image.heads == 3
+    stage_cfg = T.model_config(T.TrainConfig(hidden_dim=256), name="ens", with_speech=False)
+    heads, _ = T.train_image_stage(data, cfg, stage_cfg)
+    stage_head = {k: v.clone() for k, v in heads["image"].state_dict().items()}
+    text_before = {k: v.clone() for k, v in heads["text"].state_dict().items()}
+    trained_on, train_stage = [], T.train_image_stage
+
+    def spy(d, *args, **kwargs):
+        trained_on.append(d)
+        return train_stage(d, *args, **kwargs)
+
+    monkeypatch.setattr(T, "train_image_stage", spy)
+    ensemble, history = T.ensemble_image_heads(data, heads, cfg, mcfg)
+    histories = history["heads"]
+    assert [v["heads"] for v in history["ensemble_val"]] == [1, 2, 3]
+    assert all(v["text->image"]["R@1"] > 3 * 100 / 24 for v in history["ensemble_val"])
+
+    assert len(ensemble.members) == 3 and len(histories) == 2
+    first = ensemble.members[0].state_dict()
+    assert all(torch.equal(first[k], stage_head[k]) for k in stage_head)
+    w = [m.net[0].weight for m in ensemble.members]
+    assert not torch.equal(w[1], w[2]) and not torch.equal(w[0], w[1])  # other seeds
+    assert all(torch.equal(heads["text"].state_dict()[k], v) for k, v in text_before.items())
+    for history in histories:  # each new head learned the map: far above chance among 24
+        assert max(h["val"]["text->image"]["R@1"] for h in history) > 3 * 100 / 24
+
+    # the new heads were trained against the adapter's text vectors, not the raw ones
+    with torch.no_grad():
+        txt = T.text_side(
+            data, torch.arange(len(data.captions)), text_top=None, text_head=heads["text"]
+        )
+    seen = [d.text_vecs for d in trained_on]
+    assert len(seen) == 2 and all(torch.equal(t, txt) for t in seen)
+    assert (txt - torch.nn.functional.normalize(data.text_vecs, dim=-1)).abs().max() > 1e-3
+
+    heads["image"] = ensemble
+    AlignedModel(mcfg, heads, fingerprint="t").save(tmp_path / "b")
+    loaded = load_model(tmp_path / "b")
+    assert loaded.config.image.heads == 3
+    feats = data.image_feats[0, :10].numpy()
+    with torch.no_grad():
+        units = [
+            torch.nn.functional.normalize(m(torch.from_numpy(feats)), dim=-1)
+            for m in ensemble.members
+        ]
+    mean = torch.stack(units).mean(0)
+    expect = torch.nn.functional.normalize(mean, dim=-1).numpy()
+    np.testing.assert_allclose(loaded.embed_image_features(feats), expect, atol=1e-6)
