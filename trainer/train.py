@@ -2,9 +2,10 @@
 
 Stage 1 aligns the image head (and an optional residual text adapter) to the text tower with
 symmetric InfoNCE; optionally more image heads are then trained against the finished text side
-and averaged with it (an ensemble). Stage 2 distills the parallel speech head from the text side on spoken
-captions: `α·InfoNCE + β·(‖f_s − f_t‖² + λ·KL)`, the teacher frozen. A slice of the training
-images is held out to pick the best epoch, so the dev split is only ever measured.
+and averaged with the first (an ensemble). Stage 2 distills the parallel speech head from the
+text side on spoken captions: `α·InfoNCE + β·(‖f_s − f_t‖² + λ·KL)`, the teacher frozen. A
+slice of the training images is held out to pick the best epoch, so the dev split is only ever
+measured.
 """
 
 from __future__ import annotations
@@ -319,9 +320,9 @@ def ensemble_image_heads(
 
     Each new head is trained from its own seed on the stage's image features (through its tuned
     tail) against its text vectors (through its tuned text side), both fixed now, so the space
-    the text and speech towers map into does not move. The held-out images are the stage's.
-    Returns the ensemble and a history: each new head's epochs, and the held-out recall of the
-    first k heads averaged, for every k (the held-out images are the stage's, unseen by all).
+    the text and speech towers map into does not move. Returns the ensemble and a history: each
+    new head's epochs, and the held-out recall of the first k heads averaged, for every k (the
+    held-out images are the stage's, so no head has seen them).
     """
     tail, text_top, text_head = heads.get("image_tail"), heads.get("text_top"), heads.get("text")
     step = 512
@@ -542,7 +543,7 @@ def main(
     ensemble_history: dict[str, list] = {}
     if cfg.image_heads > 1:
         heads["image"], ensemble_history = ensemble_image_heads(
-            data or image_data(), heads, cfg, mcfg
+            image_data() if data is None else data, heads, cfg, mcfg
         )
         round_to_half({"image": heads["image"]})
     if with_speech:

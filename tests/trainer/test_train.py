@@ -248,3 +248,35 @@ def test_image_head_ensemble_trains_against_the_fixed_text_side(monkeypatch, tmp
     mean = torch.stack(units).mean(0)
     expect = torch.nn.functional.normalize(mean, dim=-1).numpy()
     np.testing.assert_allclose(loaded.embed_image_features(feats), expect, atol=1e-6)
+
+
+def test_train_main_builds_and_resumes_an_ensemble_bundle(monkeypatch, tmp_path):
+    """`main` with `image_heads`: the image stage is saved with one head, the bundle with all of
+    them; a rerun asking for another count reuses the stage and trains only the new heads."""
+    import json
+
+    monkeypatch.setattr(T, "load_image_data", lambda *a, **k: _synthetic())
+    calls = []
+    train_stage = T.train_image_stage
+
+    def spy(data, cfg, mcfg, **kwargs):
+        calls.append(mcfg.image.tuned_tail or mcfg.text.head is not None)  # True: the stage
+        return train_stage(data, cfg, mcfg, **kwargs)
+
+    monkeypatch.setattr(T, "train_image_stage", spy)
+    settings = dict(epochs=2, batch_size=32, hidden_dim=64, val_images=24, cache_dir=tmp_path)
+    out = T.main(tmp_path / "m.tsv", out_dir=tmp_path / "run", image_heads=3, **settings)
+    assert calls == [True, False, False]
+    assert ModelConfig.load(out / "image_stage").image.heads == 1
+    bundle = load_model(out)
+    assert bundle.config.image.heads == 3 and len(bundle.heads["image"].members) == 3
+    history = json.loads((out / "train_config.json").read_text())["ensemble_history"]
+    assert [v["heads"] for v in history["ensemble_val"]] == [1, 2, 3]
+
+    calls.clear()
+    again = load_model(T.main(tmp_path / "m.tsv", out_dir=out, image_heads=2, **settings))
+    assert calls == [False]  # the stage came from disk
+    first, before = again.heads["image"].members[0], bundle.heads["image"].members[0]
+    assert all(
+        torch.equal(a, b) for a, b in zip(first.parameters(), before.parameters(), strict=True)
+    )
