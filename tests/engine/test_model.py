@@ -350,3 +350,35 @@ def test_whisper_workers_follow_the_cpus_this_process_may_use(monkeypatch):
     assert sp.Whisper().workers == 1
     monkeypatch.setenv("XMODAL_THREADS", "3")
     assert sp.Whisper().workers == 3
+
+
+def test_image_head_ensemble_bundle_round_trips_and_checks_its_count(tmp_path):
+    """`image.heads: 3`: three heads' unit outputs averaged; a bundle whose weights hold another
+    number of heads than its config names is refused."""
+    import dataclasses
+    import json
+
+    from engine.config import HeadConfig, ImageTowerConfig
+
+    head = HeadConfig(in_dim=2560, out_dim=384, hidden_dim=32)
+    cfg = ModelConfig(name="ens", image=ImageTowerConfig(head=head, heads=3))
+    torch.manual_seed(0)
+    heads = build_heads(cfg)
+    AlignedModel(cfg, heads, fingerprint="t").save(tmp_path / "b")
+    loaded = load_model(tmp_path / "b")
+    x = np.random.default_rng(0).standard_normal((4, 2560)).astype(np.float32)
+    with torch.no_grad():
+        units = [torch.nn.functional.normalize(m(torch.from_numpy(x)), dim=-1)
+                 for m in heads["image"].members]  # fmt: skip
+    expect = torch.nn.functional.normalize(torch.stack(units).mean(0), dim=-1).numpy()
+    got = loaded.embed_image_features(x)
+    np.testing.assert_allclose(got, expect, atol=1e-6)
+    one = AlignedModel(dataclasses.replace(cfg, image=ImageTowerConfig(head=head)),
+                       {"image": heads["image"].members[0]}, fingerprint="t")  # fmt: skip
+    assert np.abs(one.embed_image_features(x) - got).max() > 1e-3  # the others count
+
+    raw = json.loads((tmp_path / "b" / "config.json").read_text())
+    raw["image"]["heads"] = 4
+    (tmp_path / "b" / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ModelError, match="do not match config.json for the image head"):
+        load_model(tmp_path / "b")
