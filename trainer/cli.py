@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from engine.config import SPEECH_BRANCHES
+from engine.config import MAX_IMAGE_HEADS, SPEECH_BRANCHES
 
 log = logging.getLogger(__name__)
 
@@ -181,9 +181,9 @@ def eval_command(
 )
 @click.option(
     "--image-heads",
-    type=click.IntRange(min=1, max=16),
+    type=click.IntRange(min=1, max=MAX_IMAGE_HEADS),
     default=1,
-    help="Image heads averaged: the image stage's own, plus this many minus one trained from "
+    help="How many image heads to average: the image stage's own and N-1 more, trained from "
     "other seeds against its finished text side (an ensemble; cheap to train and to run).",
 )
 @click.option(
