@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from engine.config import HeadConfig, SpeechHeadConfig
+
+Runner = Callable[[Callable[[nn.Module], torch.Tensor], Sequence[nn.Module]], list[torch.Tensor]]
 
 
 class MLPHead(nn.Module):
@@ -41,8 +45,16 @@ class HeadEnsemble(nn.Module):
         super().__init__()
         self.members = nn.ModuleList(MLPHead(cfg) for _ in range(n))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([F.normalize(m(x), dim=-1) for m in self.members]).mean(0)
+    def forward(self, x: torch.Tensor, run: Runner | None = None) -> torch.Tensor:
+        """`run(fn, members)` maps `fn` over the members, e.g. side by side on worker threads
+        (`engine.threads.one_thread_each`); by default one after another."""
+
+        def unit(member: nn.Module) -> torch.Tensor:
+            return F.normalize(member(x), dim=-1)
+
+        members = list(self.members)
+        units = run(unit, members) if run is not None else [unit(m) for m in members]
+        return torch.stack(units).mean(0)
 
 
 class SpeechHead(nn.Module):
