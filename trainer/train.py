@@ -350,30 +350,30 @@ def ensemble_image_heads(
         text=TextTowerConfig(tower=model_cfg.text.tower),
         image=dataclasses.replace(model_cfg.image, tuned_tail=False, heads=1),
     )
-    ensemble = HeadEnsemble(model_cfg.image.head, cfg.image_heads).eval()
+    ensemble = HeadEnsemble(model_cfg.image.head, 1).eval()  # grows by one head at a time
     ensemble.members[0].load_state_dict(heads["image"].state_dict())
     val_ids = held_out_images(feats.shape[1], cfg)
     history: dict[str, list] = {"heads": [], "ensemble_val": []}
 
-    def held_out(k: int) -> dict[str, dict]:
+    def held_out() -> dict[str, dict]:
         def img_fn(image_ids):
-            x = feats[0, torch.as_tensor(image_ids)]
-            return F.normalize(sum(F.normalize(h(x), dim=-1) for h in ensemble.members[:k]), dim=-1)
+            return F.normalize(ensemble(feats[0, torch.as_tensor(image_ids)]), dim=-1)
 
         val = image_recall((img_fn, lambda caps: text[caps]), fixed, val_ids)
+        k = len(ensemble.members)
         log.info("%d image heads, held-out: t→i R@1 %.1f, i→t R@1 %.1f", k,
                  val["text->image"]["R@1"], val["image->text"]["R@1"])  # fmt: skip
         return {"heads": k, **val}
 
-    history["ensemble_val"].append(held_out(1))
+    history["ensemble_val"].append(held_out())
     for m in range(1, cfg.image_heads):
         log.info("image head %d of %d", m + 1, cfg.image_heads)
         seed_everything(cfg.seed + m)
         member_train = dataclasses.replace(cfg, seed=cfg.seed + m)
         member, epochs = train_image_stage(fixed, member_train, member_cfg, val_seed=cfg.seed)
-        ensemble.members[m].load_state_dict(member["image"].state_dict())
+        ensemble.members.append(member["image"])
         history["heads"].append(epochs)
-        history["ensemble_val"].append(held_out(m + 1))
+        history["ensemble_val"].append(held_out())
     return ensemble.requires_grad_(False), history
 
 
