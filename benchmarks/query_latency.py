@@ -9,7 +9,8 @@ Two indexes are measured through the public API (`engine.search.SearchEngine`):
   their rows, written through `indexer.writer.IndexWriter` in one commit (so the automatic
   index type applies: HNSW32 above `FLAT_LIMIT` vectors per modality).
 Each query is timed whole (`SearchEngine.search`) and in parts: encode (`embed_query`) and
-search + fetch (`search_vector`). The k = 1,000 case splits search from the metadata fetch.
+search + fetch (`search_vector`, with the query's kind, so a model's hubness correction is
+included). The k = 1,000 case splits search from the metadata fetch.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def build_synthetic(root: Path, model, spec: str, n: int) -> Path:
 
     index_dir = root / "synthetic-index"
     vectors = make_data("clustered", n, model.dim, seed=7)
-    info = ModelInfo(model.name, model.dim, model.fingerprint, spec)
+    info = ModelInfo.of(model, spec)  # with the model's hubness penalties, if it has banks
     config = WriterConfig(commit_every=n + 1, commit_seconds=1e9)  # one commit at the end
     t = time.perf_counter()
     with IndexWriter.open(index_dir, info, config=config) as writer:
@@ -130,7 +131,7 @@ def time_index(label: str, index_dir: Path, model, queries: dict, args) -> list[
                 t1 = time.perf_counter()
                 vec = engine.embed_query(**arg(i))
                 t2 = time.perf_counter()
-                engine.search_vector(vec, k=10)
+                engine.search_vector(vec, k=10, kind=modality)  # as search() does
                 t3 = time.perf_counter()
                 total.append(t1 - t0)
                 enc.append(t2 - t1)
@@ -145,11 +146,11 @@ def time_index(label: str, index_dir: Path, model, queries: dict, args) -> list[
 def time_k1000(label: str, engine, args) -> list[tuple]:
     """k = 1,000 hits with their metadata: vector search and row fetch timed apart."""
     vec = engine.embed_query(TEXT_QUERIES[0])
-    engine.search_vector(vec, k=1000)  # warm-up
+    engine.search_vector(vec, k=1000, kind="text")  # warm-up
     total, vsearch, fetch = [], [], []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
-        hits = engine.search_vector(vec, k=1000)
+        hits = engine.search_vector(vec, k=1000, kind="text")
         t1 = time.perf_counter()
         found = []
         for modality in engine.vectors:

@@ -78,6 +78,15 @@ class SpeechTowerConfig:
 
 
 @dataclass(frozen=True)
+class HubnessConfig:
+    """Hubness correction from banks of training queries (`engine.hubness`)."""
+
+    bank: int = 4096  # vectors per bank: training captions, training photos
+    tau: float = 0.05  # softness of the maximum over a bank
+    beta: float = 0.6  # weight of the penalty subtracted from cosines
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Everything needed to rebuild a model bundle without looking at its weights."""
 
@@ -86,6 +95,7 @@ class ModelConfig:
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
     image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
     speech: SpeechTowerConfig = field(default_factory=SpeechTowerConfig)
+    hubness: HubnessConfig | None = None  # None: plain cosines, no `hubness.safetensors`
     version: int = BUNDLE_VERSION  # bundle layout version
 
     def __post_init__(self) -> None:
@@ -114,6 +124,9 @@ class ModelConfig:
             raise ModelError(f"speech.prompt must be text, not {self.speech.prompt!r}")
         if self.speech.branch != "cascaded" and self.speech.head is None:
             raise ModelError(f"speech branch {self.speech.branch!r} needs a speech head")
+        hub = self.hubness
+        if hub is not None and not (hub.bank >= 1 and hub.tau > 0 and hub.beta >= 0):
+            raise ModelError(f"hubness needs bank >= 1, tau > 0 and beta >= 0, not {hub}")
         if self.version != BUNDLE_VERSION:
             raise ModelError(
                 f"bundle version {self.version} is not supported (this xmodal reads "
@@ -142,6 +155,7 @@ class ModelConfig:
                 text=TextTowerConfig(**text),
                 image=ImageTowerConfig(**image),
                 speech=SpeechTowerConfig(**speech),
+                hubness=HubnessConfig(**raw["hubness"]) if raw.get("hubness") else None,
                 version=raw.get("version", BUNDLE_VERSION),
             )
         except (KeyError, TypeError) as exc:

@@ -26,7 +26,12 @@ class SpeechEmbedding:
 
 
 class Embedder(Protocol):
-    """What the indexer and the search engine need from a model."""
+    """What the indexer and the search engine need from a model.
+
+    A model may also have `hub_penalty(vectors) -> (n, 2) float32 | None`: what to subtract
+    from candidates' cosines for text/speech and for image queries (hubness correction,
+    `engine.hubness`). The indexer stores it per item; without it, search uses plain cosines.
+    """
 
     name: str  # shown to users
     dim: int  # width of the shared space

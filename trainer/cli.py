@@ -1,4 +1,5 @@
-"""Trainer commands of the `xmodal` CLI: `eval`, `train`, `speech-corpus` and `asr-captions`.
+"""Trainer commands of the `xmodal` CLI: `eval`, `train`, `hubness`, `speech-corpus` and
+`asr-captions`.
 
 Each command is a thin wrapper over a Python function with the same parameter names. They
 register through the `xmodal.commands` entry points (setup.cfg), and `engine.cli` imports this
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from engine.config import MAX_IMAGE_HEADS, SPEECH_BRANCHES
+from engine.config import MAX_IMAGE_HEADS, SPEECH_BRANCHES, HubnessConfig
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,12 @@ def _warn_problems(manifest) -> None:
     default=True,
     help="Decode every file before encoding, so a corrupt one is reported and skipped.",
 )
+@click.option(
+    "--hubness/--no-hubness",
+    default=True,
+    help="Score with the model's hubness correction, as search does (`xmodal hubness`); "
+    "--no-hubness: plain cosines. Models without query banks always use plain cosines.",
+)
 def eval_command(
     manifest: Path,
     model: str,
@@ -73,6 +80,7 @@ def eval_command(
     batch_size: int,
     branches: tuple[str, ...],
     check_media: bool,
+    hubness: bool,
 ) -> None:
     """Recall@1/5/10 of MODEL on MANIFEST in every direction its columns allow.
 
@@ -85,8 +93,12 @@ def eval_command(
     rows = read_manifest(manifest, check_media=check_media)
     _warn_problems(rows)
     embedder = load_model(model)
-    results = evaluate(rows, embedder, batch_size=batch_size, branches=branches, progress=True)
-    click.echo(f"{embedder.name} on {manifest}")
+    results = evaluate(
+        rows, embedder, batch_size=batch_size, branches=branches, progress=True, hubness=hubness
+    )
+    banks = getattr(embedder, "hub", None) is not None
+    scoring = "hubness-corrected" if hubness and banks else "plain cosines"
+    click.echo(f"{embedder.name} on {manifest} ({scoring})")
     click.echo(format_table(results))
     if json_out is not None:
         json_out.write_text(json.dumps(results, indent=2) + "\n")
@@ -199,6 +211,13 @@ def eval_command(
     help="Text Whisper reads as said before each clip, steering its vocabulary (default: three "
     "short photo captions; '' for none); a setting of the bundle, not of training.",
 )
+@click.option(
+    "--hub-bank",
+    type=click.IntRange(min=0),
+    default=4096,
+    help="Training captions and photos (each) in the bundle's query banks for hubness "
+    "correction (see `xmodal hubness`); 0: none, plain cosines.",
+)
 @click.option("--name", default="xmodal", help="Model name recorded in the bundle.")
 @click.option("--seed", type=int, default=0, help="Seeds data order, initialization and dropout.")
 @click.option(
@@ -224,6 +243,7 @@ def train(
     image_heads: int,
     hypotheses: int,
     whisper_prompt: str | None,
+    hub_bank: int,
     name: str,
     seed: int,
     resume: bool,
@@ -251,9 +271,53 @@ def train(
         image_heads=image_heads,
         hypotheses=hypotheses,
         whisper_prompt=whisper_prompt,
+        hub_bank=hub_bank,
         name=name,
         seed=seed,
         resume=resume,
+    )
+
+
+@click.command("hubness", context_settings=SETTINGS)
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("manifest", type=MANIFEST)
+@click.option(
+    "--bank",
+    type=click.IntRange(min=1),
+    default=HubnessConfig.bank,
+    help="Captions and photos (each) drawn from MANIFEST into the query banks.",
+)
+@click.option(
+    "--tau",
+    type=click.FloatRange(min=0, min_open=True),
+    default=HubnessConfig.tau,
+    help="Softness of the maximum over a bank.",
+)
+@click.option(
+    "--beta",
+    type=click.FloatRange(min=0),
+    default=HubnessConfig.beta,
+    help="Weight of the penalty subtracted from cosines (0: plain cosines).",
+)
+@click.option("--seed", type=int, default=0, help="Seeds which captions and photos are drawn.")
+def hubness(bundle: Path, manifest: Path, bank: int, tau: float, beta: float, seed: int) -> None:
+    """Give the model BUNDLE query banks from its training MANIFEST, for hubness correction.
+
+    Search then scores a candidate by its cosine minus how close it sits to typical queries
+    (a soft maximum over the banks), so items that are near every query stop crowding the
+    top. Draw the banks from training data, never from the split you evaluate on. The bundle
+    is changed in place (its weights are not): indexes built with it before must be rebuilt.
+    """
+    from engine.config import HubnessConfig as Config
+    from engine.model import bundle_fingerprint, load_model
+    from trainer.hubness import add_bank, write_bank
+
+    model = load_model(bundle)
+    add_bank(model, manifest, Config(bank=bank, tau=tau, beta=beta), seed=seed)
+    write_bank(model, bundle)
+    click.echo(
+        f"{bundle}: banks of {len(model.hub.text)} captions and {len(model.hub.image)} photos "
+        f"(tau {tau}, beta {beta}); fingerprint now {bundle_fingerprint(bundle)}"
     )
 
 

@@ -9,6 +9,9 @@ distinct non-empty audio. Relevance goes through the caption text, since identic
 identical queries: a text is relevant to every image that some row pairs with that caption
 text (normally just its own image), and an audio stands for its row's caption, so it is
 relevant to the texts with that caption and to their images.
+
+Candidates are ranked as search ranks them: by cosine, minus the model's hubness penalty
+(`engine.hubness`) when it has query banks, unless scoring is asked for without it.
 """
 
 from __future__ import annotations
@@ -51,8 +54,11 @@ def recall_at_k(
     cand_vecs: np.ndarray,
     relevant: Sequence[set[int] | frozenset[int]],
     ks: Sequence[int] = KS,
+    *,
+    cand_penalty: np.ndarray | None = None,
 ) -> Result:
-    """Recall@k in percent of `(n, d)` queries against `(m, d)` candidates, by inner product.
+    """Recall@k in percent of `(n, d)` queries against `(m, d)` candidates, by inner product
+    (minus `cand_penalty[j]` for candidate j, if given: hubness correction).
 
     Pass L2-normalized float32 rows so the inner product is the cosine. `relevant[i]` holds the
     candidate indices that count as a hit for query i (at least one). A query is a hit at k if
@@ -64,7 +70,11 @@ def recall_at_k(
     """
     queries, cands = _as_matrix(query_vecs, "query_vecs"), _as_matrix(cand_vecs, "cand_vecs")
     _check_recall_inputs(queries, cands, relevant, ks)
-    ranks = best_relevant_ranks(queries, cands, relevant)
+    if cand_penalty is not None:
+        cand_penalty = np.asarray(cand_penalty, dtype=np.float32)
+        if cand_penalty.shape != (len(cands),) or not np.isfinite(cand_penalty).all():
+            raise ValueError(f"cand_penalty must be {len(cands)} finite values")
+    ranks = best_relevant_ranks(queries, cands, relevant, cand_penalty)
     # hits * 100 / n, not 100 * mean: the nearest float to the percentage (82.4, not 82.39…)
     result: Result = {f"R@{k}": int(np.count_nonzero(ranks < k)) * 100 / len(ranks) for k in ks}
     result["queries"], result["candidates"] = len(queries), len(cands)
@@ -72,15 +82,21 @@ def recall_at_k(
 
 
 def best_relevant_ranks(
-    queries: np.ndarray, cands: np.ndarray, relevant: Sequence[set[int] | frozenset[int]]
+    queries: np.ndarray,
+    cands: np.ndarray,
+    relevant: Sequence[set[int] | frozenset[int]],
+    cand_penalty: np.ndarray | None = None,
 ) -> np.ndarray:
-    """`(n,)` int64: 0-based rank of each query's best relevant candidate, ties pessimistic."""
+    """`(n,)` int64: 0-based rank of each query's best relevant candidate, ties pessimistic;
+    scores are inner products minus `cand_penalty` `(m,)` when given."""
     n, m = len(queries), len(cands)
     rows_per_block = max(1, MAX_BLOCK // max(m, 1))
     ranks = np.empty(n, dtype=np.int64)
     for start in range(0, n, rows_per_block):
         stop = min(start + rows_per_block, n)
         scores = queries[start:stop] @ cands.T
+        if cand_penalty is not None:
+            scores -= cand_penalty
         mask = _relevance_mask(relevant[start:stop], m)
         best = np.where(mask, scores, -np.inf).max(axis=1, keepdims=True)
         ranks[start:stop] = ((scores >= best) & ~mask).sum(axis=1)
@@ -208,6 +224,7 @@ def evaluate(
     batch_size: int = 32,
     ks: Sequence[int] = KS,
     progress: bool = False,
+    hubness: bool = True,
 ) -> dict[str, Result]:
     """Recall@k for every direction the manifest allows, keyed like `"text->image"`.
 
@@ -218,7 +235,8 @@ def evaluate(
     `speech_branches` adds named speech vector sets, e.g. `{"parallel": (n_audio, d)}`, scored
     under keys like `"speech(parallel)->image"`; `branches` (e.g. `("cascaded", "parallel")`)
     has the embedder make such sets instead of its default speech vectors (see
-    `embed_audio_branches`). Each value is `recall_at_k`'s dict.
+    `embed_audio_branches`). Each value is `recall_at_k`'s dict. With `hubness`, candidates
+    are ranked with the embedder's hubness penalty (`hub_penalty`), if it has one.
     """
     eval_set = build_eval_set(manifest)
     if not eval_set.texts:
@@ -249,7 +267,10 @@ def evaluate(
         )
     for name, vectors in named.items():
         speech_sets[f"speech({name})"] = vectors
-    return score_eval_set(eval_set, text_vectors, image_vectors, speech_sets, ks=ks)
+    penalty = getattr(embedder, "hub_penalty", None) if hubness else None
+    return score_eval_set(
+        eval_set, text_vectors, image_vectors, speech_sets, ks=ks, penalty=penalty
+    )
 
 
 def score_eval_set(
@@ -259,33 +280,57 @@ def score_eval_set(
     speech_sets: Mapping[str, np.ndarray] | None = None,
     *,
     ks: Sequence[int] = KS,
+    penalty: Callable[[np.ndarray], np.ndarray | None] | None = None,
 ) -> dict[str, Result]:
     """Score precomputed vectors; `speech_sets` maps a label ("speech", "speech(parallel)") to
     `(n_audio, d)` vectors. Rows are L2-normalized here. Directions with no query are left out.
+    `penalty` maps candidate vectors to `(m, 2)` hubness penalties (`AlignedModel.hub_penalty`;
+    None from it, or no `penalty`: plain cosines).
     """
     vectors = {
         "text": _checked(text_vectors, len(eval_set.texts), "text"),
         "image": _checked(image_vectors, len(eval_set.images), "image"),
     }
+    penalties = {m: _penalties(penalty, v) for m, v in vectors.items()}
     results: dict[str, Result] = {}
     for direction in DIRECTIONS[:2]:
-        results.update(_score_direction(eval_set, direction, vectors, ks))
+        results.update(_score_direction(eval_set, direction, vectors, penalties, ks))
     for label, speech in (speech_sets or {}).items():
         labelled = {**vectors, "speech": _checked(speech, len(eval_set.audios), label)}
+        with_speech = {**penalties, "speech": _penalties(penalty, labelled["speech"])}
         for direction in DIRECTIONS[2:]:
-            scored = _score_direction(eval_set, direction, labelled, ks)
+            scored = _score_direction(eval_set, direction, labelled, with_speech, ks)
             results.update({key.replace("speech", label): res for key, res in scored.items()})
     return results
 
 
+def _penalties(
+    penalty: Callable[[np.ndarray], np.ndarray | None] | None, vectors: np.ndarray
+) -> np.ndarray | None:
+    return None if penalty is None or not len(vectors) else penalty(vectors)
+
+
 def _score_direction(
-    eval_set: EvalSet, direction: str, vectors: Mapping[str, np.ndarray], ks: Sequence[int]
+    eval_set: EvalSet,
+    direction: str,
+    vectors: Mapping[str, np.ndarray],
+    penalties: Mapping[str, np.ndarray | None],
+    ks: Sequence[int],
 ) -> dict[str, Result]:
+    from engine.hubness import penalty_column
+
     queries, relevant = eval_set.relevance(direction)
     if not queries:
         return {}
     source, target = direction.split("->")
-    return {direction: recall_at_k(vectors[source][queries], vectors[target], relevant, ks)}
+    cand_penalty = penalties.get(target)
+    if cand_penalty is not None:
+        cand_penalty = cand_penalty[:, penalty_column(source)]
+    return {
+        direction: recall_at_k(
+            vectors[source][queries], vectors[target], relevant, ks, cand_penalty=cand_penalty
+        )
+    }
 
 
 def _checked(vectors: np.ndarray, rows: int, label: str) -> np.ndarray:

@@ -400,3 +400,34 @@ def test_recall_percentages_are_the_nearest_floats():
     relevant = [{i} if i < 824 else {(i + 1) % 1000} for i in range(1000)]
     result = recall_at_k(eye, eye, relevant, ks=(1,))
     assert result["R@1"] == 82.4 and json.dumps(result["R@1"]) == "82.4"
+
+
+def test_candidate_penalties_rerank_by_construction():
+    q, c = _scores([[0.9, 0.8, 0.1]])  # one query; candidate 1 is the relevant one
+    assert recall_at_k(q, c, [{1}], ks=(1, 2))["R@1"] == 0.0
+    demoted = recall_at_k(q, c, [{1}], ks=(1, 2), cand_penalty=np.array([0.2, 0.0, 0.0]))
+    assert demoted["R@1"] == 100.0  # 0.9 - 0.2 < 0.8
+    boosted = recall_at_k(q, c, [{1}], ks=(1, 2), cand_penalty=np.array([0.0, 0.0, -0.75]))
+    assert (boosted["R@1"], boosted["R@2"]) == (0.0, 0.0)  # 0.1 + 0.75 beats both
+    with pytest.raises(ValueError, match="cand_penalty must be 3 finite values"):
+        recall_at_k(q, c, [{1}], cand_penalty=np.array([0.0, np.nan, 0.0]))
+
+
+def test_evaluate_uses_the_penalty_column_of_the_query_kind(manifest_dir: Path):
+    """A penalty that only text queries see (column 0) sinks the red image for text→image
+    and speech→image, and leaves image queries alone; `hubness=False` ignores it."""
+
+    class PenalizedStub(StubEmbedder):
+        def hub_penalty(self, vectors: np.ndarray) -> np.ndarray:
+            red = vectors @ self._axis(0) > 0.5  # the red image (and red texts/clips)
+            return np.stack([np.where(red, 2.0, 0.0), np.zeros(len(vectors))], axis=1)
+
+    manifest = read_manifest(manifest_dir / "m.tsv")
+    plain = evaluate(manifest, StubEmbedder())
+    corrected = evaluate(manifest, PenalizedStub())
+    assert evaluate(manifest, PenalizedStub(), hubness=False) == plain
+    # the two red captions (of 4) and the red clip (of 2) lose their image
+    assert corrected["text->image"]["R@1"] == 50.0 and plain["text->image"]["R@1"] == 100.0
+    assert corrected["speech->image"]["R@1"] == 50.0
+    assert corrected["image->text"] == plain["image->text"]  # image queries: column 1, zeros
+    assert corrected["image->speech"] == plain["image->speech"]

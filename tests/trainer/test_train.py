@@ -255,7 +255,17 @@ def test_train_main_builds_and_resumes_an_ensemble_bundle(monkeypatch, tmp_path)
     them; a rerun asking for another count reuses the stage and trains only the new heads."""
     import json
 
-    monkeypatch.setattr(T, "load_image_data", lambda *a, **k: _synthetic())
+    import trainer.hubness as H
+
+    data = _synthetic()
+    monkeypatch.setattr(T, "load_image_data", lambda *a, **k: data)
+    # the query banks: 10 captions and 8 photos, whose cached features are the synthetic ones
+    members = ([f"a caption {i}" for i in range(10)], [f"img{i}" for i in range(8)])
+    monkeypatch.setattr(H, "bank_members", lambda manifest, size, seed: members)
+    feats = {name: data.image_feats[0, i].numpy() for i, name in enumerate(data.images)}
+    monkeypatch.setattr(
+        T, "image_features", lambda paths, *a, **k: np.stack([feats[p] for p in paths])
+    )
     calls = []
     train_stage = T.train_image_stage
 
@@ -272,6 +282,11 @@ def test_train_main_builds_and_resumes_an_ensemble_bundle(monkeypatch, tmp_path)
     assert bundle.config.image.heads == 3 and len(bundle.heads["image"].members) == 3
     history = json.loads((out / "train_config.json").read_text())["ensemble_history"]
     assert [v["heads"] for v in history["ensemble_val"]] == [1, 2, 3]
+    # the bundle carries query banks of the finished model's vectors
+    assert bundle.config.hubness.bank == 4096 and len(bundle.hub.text) == 10
+    photos = bundle.embed_image_features(np.stack([feats[p] for p in members[1]]))
+    np.testing.assert_allclose(bundle.hub.image, photos, atol=1e-3)  # stored in float16
+    np.testing.assert_allclose(bundle.hub.text, bundle.embed_text(members[0]), atol=1e-3)
 
     calls.clear()
     again = load_model(T.main(tmp_path / "m.tsv", out_dir=out, image_heads=2, **settings))
