@@ -28,9 +28,10 @@ class SpeechEmbedding:
 class Embedder(Protocol):
     """What the indexer and the search engine need from a model.
 
-    A model may also have `hub_penalty(vectors) -> (n, 2) float32 | None`: what to subtract
-    from candidates' cosines for text/speech and for image queries (hubness correction,
-    `engine.hubness`). The indexer stores it per item; without it, search uses plain cosines.
+    A model may also have `hub_penalty(vectors, modality) -> (n, 2) float32 | None`: what to
+    subtract from the cosines of candidates of `modality` for text/speech and for image queries
+    (hubness correction, `engine.hubness`). The indexer stores it per item; without it, search
+    uses plain cosines.
     """
 
     name: str  # shown to users

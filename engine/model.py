@@ -276,10 +276,11 @@ class AlignedModel:
         weight = np.where(np.linalg.norm(cascaded, axis=1, keepdims=True) > 0, w, 1.0)
         return l2_normalize(weight * parallel + (1.0 - weight) * cascaded)
 
-    def hub_penalty(self, vectors: np.ndarray) -> np.ndarray | None:
-        """`(n, 2)` float32 to subtract from candidates' cosines (column 0 for text and speech
-        queries, 1 for image queries; `engine.hubness`), or None for a bundle without banks."""
-        return None if self.hub is None else self.hub.penalty(vectors)
+    def hub_penalty(self, vectors: np.ndarray, modality: str) -> np.ndarray | None:
+        """`(n, 2)` float32 to subtract from the cosines of candidates of `modality` (column 0
+        for text and speech queries, 1 for image queries; `engine.hubness`), or None for a
+        bundle without banks."""
+        return None if self.hub is None else self.hub.penalty(vectors, modality)
 
     # -- bundles -------------------------------------------------------------------------------
     def save(self, bundle_dir: str | Path) -> None:

@@ -71,7 +71,9 @@ class ModelInfo:
     dim: int
     fingerprint: str
     source: str  # the --model value that loads it again
-    penalty: Callable[[np.ndarray], np.ndarray | None] | None = field(default=None, compare=False)
+    penalty: Callable[[np.ndarray, str], np.ndarray | None] | None = field(
+        default=None, compare=False
+    )
 
     @classmethod
     def of(cls, embedder: Embedder, source: str) -> ModelInfo:
@@ -103,7 +105,7 @@ class IndexWriter:
         self._dirty: set[str] = set()
         self._pending_vectors = 0
         self._last_commit = time.monotonic()
-        self._penalty: Callable[[np.ndarray], np.ndarray | None] | None = None
+        self._penalty: Callable[[np.ndarray, str], np.ndarray | None] | None = None
 
     @classmethod
     def open(
@@ -150,7 +152,7 @@ class IndexWriter:
         self.next_id += len(segments)
         added = now()
         transcripts = encoded.transcripts or [None] * len(segments)
-        penalties = self._penalties(vectors)
+        penalties = self._penalties(vectors, entry.modality)
         for k, (item_id, seg, heard) in enumerate(
             zip(ids.tolist(), segments, transcripts, strict=True)
         ):
@@ -258,8 +260,8 @@ class IndexWriter:
             raise ValueError("vectors contain NaN or infinity; the file is not indexed")
         return vectors
 
-    def _penalties(self, vectors: np.ndarray) -> np.ndarray | None:
-        penalties = self._penalty(vectors) if self._penalty is not None else None
+    def _penalties(self, vectors: np.ndarray, modality: str) -> np.ndarray | None:
+        penalties = self._penalty(vectors, modality) if self._penalty is not None else None
         if penalties is not None and (
             penalties.shape != (len(vectors), 2) or not np.isfinite(penalties).all()
         ):

@@ -280,24 +280,24 @@ def score_eval_set(
     speech_sets: Mapping[str, np.ndarray] | None = None,
     *,
     ks: Sequence[int] = KS,
-    penalty: Callable[[np.ndarray], np.ndarray | None] | None = None,
+    penalty: Callable[[np.ndarray, str], np.ndarray | None] | None = None,
 ) -> dict[str, Result]:
     """Score precomputed vectors; `speech_sets` maps a label ("speech", "speech(parallel)") to
     `(n_audio, d)` vectors. Rows are L2-normalized here. Directions with no query are left out.
-    `penalty` maps candidate vectors to `(m, 2)` hubness penalties (`AlignedModel.hub_penalty`;
-    None from it, or no `penalty`: plain cosines).
+    `penalty` maps candidate vectors and their modality to `(m, 2)` hubness penalties
+    (`AlignedModel.hub_penalty`; None from it, or no `penalty`: plain cosines).
     """
     vectors = {
         "text": _checked(text_vectors, len(eval_set.texts), "text"),
         "image": _checked(image_vectors, len(eval_set.images), "image"),
     }
-    penalties = {m: _penalties(penalty, v) for m, v in vectors.items()}
+    penalties = {m: _penalties(penalty, v, m) for m, v in vectors.items()}
     results: dict[str, Result] = {}
     for direction in DIRECTIONS[:2]:
         results.update(_score_direction(eval_set, direction, vectors, penalties, ks))
     for label, speech in (speech_sets or {}).items():
         labelled = {**vectors, "speech": _checked(speech, len(eval_set.audios), label)}
-        with_speech = {**penalties, "speech": _penalties(penalty, labelled["speech"])}
+        with_speech = {**penalties, "speech": _penalties(penalty, labelled["speech"], "speech")}
         for direction in DIRECTIONS[2:]:
             scored = _score_direction(eval_set, direction, labelled, with_speech, ks)
             results.update({key.replace("speech", label): res for key, res in scored.items()})
@@ -305,9 +305,11 @@ def score_eval_set(
 
 
 def _penalties(
-    penalty: Callable[[np.ndarray], np.ndarray | None] | None, vectors: np.ndarray
+    penalty: Callable[[np.ndarray, str], np.ndarray | None] | None,
+    vectors: np.ndarray,
+    modality: str,
 ) -> np.ndarray | None:
-    return None if penalty is None or not len(vectors) else penalty(vectors)
+    return None if penalty is None or not len(vectors) else penalty(vectors, modality)
 
 
 def _score_direction(

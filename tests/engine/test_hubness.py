@@ -31,10 +31,16 @@ def test_penalty_matches_hand_computation():
     assert hub.center[0] == pytest.approx(0.5 * np.log((e2 + 2) / 3))
     # h_image(v) = v_y (one bank row); its center is the mean y of the text bank
     assert hub.center[1] == pytest.approx(1 / 3)
-    got = hub.penalty(np.array([[1, 0], [0, 1]], np.float32))
-    expect = [[np.log((2 * e2 + 1) / (e2 + 2)), 2 * (0 - 1 / 3)], [0.0, 2 * (1 - 1 / 3)]]
+    x = np.array([[1, 0], [0, 1]], np.float32)
+    got = hub.penalty(x, "speech")
+    expect = np.array([[np.log((2 * e2 + 1) / (e2 + 2)), 2 * (0 - 1 / 3)], [0.0, 2 * (1 - 1 / 3)]])
     np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-6)
     assert got.dtype == np.float32
+    # no penalty from the bank of the candidates' own modality
+    np.testing.assert_allclose(hub.penalty(x, "text"), expect * [0, 1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(hub.penalty(x, "image"), expect * [1, 0], rtol=1e-5, atol=1e-6)
+    with pytest.raises(QueryError, match="unknown modality"):
+        hub.penalty(x, "video")
 
 
 def test_sharp_banks_stay_finite():
@@ -42,7 +48,7 @@ def test_sharp_banks_stay_finite():
     bank = rng.standard_normal((50, 8)).astype(np.float32)
     bank /= np.linalg.norm(bank, axis=1, keepdims=True)
     hub = HubBank.build(bank, bank, tau=1e-3, beta=1.0)  # exp(1 / 1e-3) would overflow
-    assert np.isfinite(hub.penalty(bank)).all()
+    assert np.isfinite(hub.penalty(bank, "speech")).all()
 
 
 def test_bank_checks_and_query_kinds():
@@ -80,8 +86,8 @@ def test_bundle_with_banks_round_trips(tmp_path):
 
     loaded = load_model(tmp_path / "hub")
     x = _unit(5, 384, 3)
-    np.testing.assert_array_equal(loaded.hub_penalty(x), hub.penalty(x))
-    assert load_model(tmp_path / "plain").hub_penalty(x) is None
+    np.testing.assert_array_equal(loaded.hub_penalty(x, "image"), hub.penalty(x, "image"))
+    assert load_model(tmp_path / "plain").hub_penalty(x, "image") is None
     assert bundle_fingerprint(tmp_path / "hub") != bundle_fingerprint(tmp_path / "plain")
     mode = stat.S_IMODE((tmp_path / "hub" / HUBNESS_FILE).stat().st_mode)
     assert mode == stat.S_IMODE((tmp_path / "hub" / "config.json").stat().st_mode)
@@ -108,8 +114,8 @@ class HubStub(StubEmbedder):
         super().__init__(fingerprint="stub-hub")
         self.hub = HubBank.build(text_bank, image_bank, tau=0.1, beta=beta)
 
-    def hub_penalty(self, vectors: np.ndarray) -> np.ndarray:
-        return self.hub.penalty(vectors)
+    def hub_penalty(self, vectors: np.ndarray, modality: str) -> np.ndarray:
+        return self.hub.penalty(vectors, modality)
 
 
 def _truth(media: Path, stub: StubEmbedder) -> dict[str, np.ndarray]:
@@ -118,27 +124,33 @@ def _truth(media: Path, stub: StubEmbedder) -> dict[str, np.ndarray]:
     return {str(p): stub.embed_images([load_image(p)])[0] for p in sorted(media.rglob("*.png"))}
 
 
-@pytest.mark.parametrize("kind", ["text", "image"])
+@pytest.mark.parametrize("kind", ["text", "speech", "image"])
 def test_search_ranks_by_cosine_minus_penalty(tmp_path, media, kind):
+    """Text and speech queries see the photos' penalties against the text bank; image queries
+    see none (the image bank is of the photos' own modality): plain cosines."""
     plain = StubEmbedder()
     images = _truth(media, plain)
     hub_vec = images[sorted(images)[0]]  # make the first photo a hub: every bank row is it
     bank = np.repeat(hub_vec[None], 4, axis=0)
     stub = HubStub(bank, bank, beta=3.0)
     index_folders([str(media)], tmp_path / "idx", stub, model_source="test")
-    query = {"text": "dog on the beach", "image": media / "photos" / "img1.png"}[kind]
+    query = {"text": "dog on the beach", "image": media / "photos" / "img1.png",
+             "speech": media / "audio" / "low.wav"}[kind]  # fmt: skip
     with SearchEngine.open(tmp_path / "idx", model=stub) as engine:
         hits = engine.search(**{kind: query}, to="image", k=len(images))
         q = engine.embed_query(**{kind: query})
         raw = engine.search_vector(q, to="image", k=len(images))  # no kind: plain cosines
     paths = sorted(images)
     cos = np.array([images[p] @ q for p in paths])
-    pen = stub.hub_penalty(np.stack([images[p] for p in paths]))[:, penalty_column(kind)]
+    pen = stub.hub_penalty(np.stack([images[p] for p in paths]), "image")[:, penalty_column(kind)]
     want = np.argsort(-(cos - pen), kind="stable")
     assert [h.path for h in hits] == [paths[i] for i in want]
     np.testing.assert_allclose([h.score for h in hits], (cos - pen)[want], atol=1e-5)
     assert [h.path for h in raw] == [paths[i] for i in np.argsort(-cos, kind="stable")]
-    assert hits[-1].path == paths[0] != raw[-1].path  # the hub fell to the bottom
+    if kind == "image":
+        assert not pen.any() and [h.path for h in hits] == [h.path for h in raw]
+    else:
+        assert hits[-1].path == paths[0] != raw[-1].path  # the hub fell to the bottom
 
 
 def test_items_of_a_model_without_banks_keep_plain_cosines(built, stub):

@@ -418,7 +418,7 @@ def test_evaluate_uses_the_penalty_column_of_the_query_kind(manifest_dir: Path):
     and speech→image, and leaves image queries alone; `hubness=False` ignores it."""
 
     class PenalizedStub(StubEmbedder):
-        def hub_penalty(self, vectors: np.ndarray) -> np.ndarray:
+        def hub_penalty(self, vectors: np.ndarray, modality: str) -> np.ndarray:
             red = vectors @ self._axis(0) > 0.5  # the red image (and red texts/clips)
             return np.stack([np.where(red, 2.0, 0.0), np.zeros(len(vectors))], axis=1)
 

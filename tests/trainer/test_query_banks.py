@@ -74,7 +74,8 @@ def test_hubness_command_adds_banks_to_a_bundle_in_place(manifest, tmp_path):
     model = load_model(bundle)
     assert model.hub.text.shape == (4, 384) and (bundle / HUBNESS_FILE).exists()
     x = model.hub.image[:2]  # typical photos: small penalties, both columns
-    assert model.hub_penalty(x).shape == (2, 2) and np.isfinite(model.hub_penalty(x)).all()
+    penalty = model.hub_penalty(x, "image")
+    assert penalty.shape == (2, 2) and np.isfinite(penalty).all() and not penalty[:, 1].any()
 
     result = CliRunner().invoke(hubness, [str(bundle), str(tmp_path / "missing.tsv")])
     assert result.exit_code == 2 and "does not exist" in result.output
