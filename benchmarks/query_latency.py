@@ -139,8 +139,25 @@ def time_index(label: str, index_dir: Path, model, queries: dict, args) -> list[
             rows.append((label, f"{modality} query, k=10", *percentiles(total, 50, 95),
                          percentiles(enc, 50)[0], percentiles(srch, 50)[0],
                          f"≤ {TARGET_MS[modality]}"))  # fmt: skip
+        rows += time_plain(label, engine, args)
         rows += time_k1000(label, engine, args)
     return rows
+
+
+def time_plain(label: str, engine, args) -> list[tuple]:
+    """search + fetch of a text query with and without the hubness re-ranking, alternating:
+    what the correction costs (the same where the model has no query banks)."""
+    vec = engine.embed_query(TEXT_QUERIES[0])
+    times: dict[str | None, list[float]] = {"text": [], None: []}
+    for _ in range(args.repeats):
+        for kind in times:
+            t0 = time.perf_counter()
+            engine.search_vector(vec, k=10, kind=kind)
+            times[kind].append(time.perf_counter() - t0)
+    nan = float("nan")
+    return [(label, f"  part: search+fetch, text query, k=10, {name}",
+             *percentiles(times[kind], 50, 95), nan, nan, "-")
+            for kind, name in (("text", "hubness-corrected"), (None, "plain cosines"))]  # fmt: skip
 
 
 def time_k1000(label: str, engine, args) -> list[tuple]:

@@ -81,7 +81,9 @@ class SpeechTowerConfig:
 class HubnessConfig:
     """Hubness correction from banks of training queries (`engine.hubness`)."""
 
-    bank: int = 4096  # vectors per bank: training captions, training photos
+    text_clusters: int = 256  # k-means clusters of the training captions (bank rows)
+    image_clusters: int = 128  # k-means clusters of the training photos
+    min_cluster: int = 10  # training items each bank row averages, at least
     tau: float = 0.05  # softness of the maximum over a bank
     beta: float = 0.6  # weight of the penalty subtracted from cosines
 
@@ -125,8 +127,12 @@ class ModelConfig:
         if self.speech.branch != "cascaded" and self.speech.head is None:
             raise ModelError(f"speech branch {self.speech.branch!r} needs a speech head")
         hub = self.hubness
-        if hub is not None and not (hub.bank >= 1 and hub.tau > 0 and hub.beta >= 0):
-            raise ModelError(f"hubness needs bank >= 1, tau > 0 and beta >= 0, not {hub}")
+        if hub is not None and not (
+            min(hub.text_clusters, hub.image_clusters, hub.min_cluster) >= 1
+            and hub.tau > 0
+            and hub.beta >= 0
+        ):
+            raise ModelError(f"hubness needs clusters >= 1, tau > 0 and beta >= 0, not {hub}")
         if self.version != BUNDLE_VERSION:
             raise ModelError(
                 f"bundle version {self.version} is not supported (this xmodal reads "

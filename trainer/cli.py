@@ -212,11 +212,10 @@ def eval_command(
     "short photo captions; '' for none); a setting of the bundle, not of training.",
 )
 @click.option(
-    "--hub-bank",
-    type=click.IntRange(min=0),
-    default=4096,
-    help="Training captions and photos (each) in the bundle's query banks for hubness "
-    "correction (see `xmodal hubness`); 0: none, plain cosines.",
+    "--hubness/--no-hubness",
+    default=True,
+    help="Give the bundle query banks from MANIFEST for hubness correction, with "
+    "`xmodal hubness`'s defaults; --no-hubness: search by plain cosines.",
 )
 @click.option("--name", default="xmodal", help="Model name recorded in the bundle.")
 @click.option("--seed", type=int, default=0, help="Seeds data order, initialization and dropout.")
@@ -243,7 +242,7 @@ def train(
     image_heads: int,
     hypotheses: int,
     whisper_prompt: str | None,
-    hub_bank: int,
+    hubness: bool,
     name: str,
     seed: int,
     resume: bool,
@@ -271,7 +270,7 @@ def train(
         image_heads=image_heads,
         hypotheses=hypotheses,
         whisper_prompt=whisper_prompt,
-        hub_bank=hub_bank,
+        hubness=hubness,
         name=name,
         seed=seed,
         resume=resume,
@@ -282,10 +281,22 @@ def train(
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("manifest", type=MANIFEST)
 @click.option(
-    "--bank",
+    "--text-clusters",
     type=click.IntRange(min=1),
-    default=HubnessConfig.bank,
-    help="Captions and photos (each) drawn from MANIFEST into the query banks.",
+    default=HubnessConfig.text_clusters,
+    help="Bank rows for text and speech queries: k-means clusters of MANIFEST's captions.",
+)
+@click.option(
+    "--image-clusters",
+    type=click.IntRange(min=1),
+    default=HubnessConfig.image_clusters,
+    help="Bank rows for image queries: k-means clusters of MANIFEST's photos.",
+)
+@click.option(
+    "--min-cluster",
+    type=click.IntRange(min=1),
+    default=HubnessConfig.min_cluster,
+    help="Captions or photos each bank row averages, at least (no row stands for one item).",
 )
 @click.option(
     "--tau",
@@ -299,25 +310,36 @@ def train(
     default=HubnessConfig.beta,
     help="Weight of the penalty subtracted from cosines (0: plain cosines).",
 )
-@click.option("--seed", type=int, default=0, help="Seeds which captions and photos are drawn.")
-def hubness(bundle: Path, manifest: Path, bank: int, tau: float, beta: float, seed: int) -> None:
+@click.option("--seed", type=int, default=0, help="Seeds the k-means clustering.")
+def hubness(
+    bundle: Path,
+    manifest: Path,
+    text_clusters: int,
+    image_clusters: int,
+    min_cluster: int,
+    tau: float,
+    beta: float,
+    seed: int,
+) -> None:
     """Give the model BUNDLE query banks from its training MANIFEST, for hubness correction.
 
     Search then scores a candidate by its cosine minus how close it sits to typical queries
-    (a soft maximum over the banks), so items that are near every query stop crowding the
-    top. Draw the banks from training data, never from the split you evaluate on. The bundle
-    is changed in place (its weights are not): indexes built with it before must be rebuilt.
+    of another modality (a soft maximum over the banks), so items that are near every query
+    stop crowding the top. Each bank row is the mean of a k-means cluster of the model's
+    vectors of MANIFEST's captions or photos. Use training data, never the split you evaluate
+    on. The bundle is changed in place (its weights are not): rebuild indexes built with it.
     """
     from engine.config import HubnessConfig as Config
     from engine.model import bundle_fingerprint, load_model
     from trainer.hubness import add_bank, write_bank
 
     model = load_model(bundle)
-    add_bank(model, manifest, Config(bank=bank, tau=tau, beta=beta), seed=seed)
+    cfg = Config(text_clusters, image_clusters, min_cluster, tau=tau, beta=beta)
+    add_bank(model, manifest, cfg, seed=seed)
     write_bank(model, bundle)
     click.echo(
-        f"{bundle}: banks of {len(model.hub.text)} captions and {len(model.hub.image)} photos "
-        f"(tau {tau}, beta {beta}); fingerprint now {bundle_fingerprint(bundle)}"
+        f"{bundle}: banks of {len(model.hub.text)} caption and {len(model.hub.image)} photo "
+        f"clusters (tau {tau}, beta {beta}); fingerprint now {bundle_fingerprint(bundle)}"
     )
 
 

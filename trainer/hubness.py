@@ -1,8 +1,11 @@
-"""Query banks for hubness correction (`engine.hubness`), drawn from a training manifest.
+"""Query banks for hubness correction (`engine.hubness`), built from a training manifest.
 
-A bank holds what typical queries look like to the model: the vectors of seeded samples of the
-manifest's captions (text and speech queries) and photos (image queries). Draw them from the
-data the model was trained on, never from the split it is evaluated on.
+A bank says what typical queries look like to the model: its vectors of the manifest's
+captions (for text and speech queries) and photos (for image queries). The bundle does not
+carry those vectors one by one: each bank row is the mean of a k-means cluster of at least
+`min_cluster` of them, weighted by the cluster's share, so no row stands for a single training
+caption or photo. Build banks from the data the model was trained on, never from the split it
+is evaluated on.
 """
 
 from __future__ import annotations
@@ -23,25 +26,42 @@ log = logging.getLogger(__name__)
 
 TEXT_BATCH = 256  # captions per embed_text call
 IMAGE_BATCH = 64  # photos per embed_images call
+KMEANS_ITERATIONS = 25
 
 
-def sample(n: int, size: int, seed: int) -> np.ndarray:
-    """Sorted indices of `min(size, n)` of `range(n)`, drawn without replacement."""
-    rng = np.random.default_rng(seed)
-    return np.sort(rng.choice(n, size=min(size, n), replace=False))
-
-
-def bank_members(manifest: Path, size: int, seed: int) -> tuple[list[str], list[Path]]:
-    """The captions and the photos (distinct, by first appearance) that go into the banks."""
+def bank_members(manifest: Path) -> tuple[list[str], list[Path]]:
+    """Every caption of `manifest` and its distinct photos, by first appearance."""
     rows = read_manifest(manifest).rows
     if not rows:
-        raise XmodalError(f"{manifest}: no usable rows to draw query banks from")
-    captions = [row.caption for row in rows]
-    photos = list(dict.fromkeys(row.image for row in rows))
-    return (
-        [captions[i] for i in sample(len(captions), size, seed)],
-        [photos[i] for i in sample(len(photos), size, seed)],
-    )
+        raise XmodalError(f"{manifest}: no usable rows to build query banks from")
+    return [row.caption for row in rows], list(dict.fromkeys(row.image for row in rows))
+
+
+def cluster(
+    vectors: np.ndarray, k: int, *, min_size: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """`(means, counts)`: k-means of `vectors` (at most `k` clusters) where every cluster holds
+    at least `min_size` rows: clusters below it are dropped one by one, smallest first, and
+    their rows go to the nearest remaining centroid. Means are not renormalized."""
+    import faiss
+
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    n, dim = vectors.shape
+    if n < min_size:
+        raise XmodalError(f"{n} vectors cannot fill one bank row of at least {min_size}")
+    k = max(1, min(k, n // min_size))
+    kmeans = faiss.Kmeans(dim, k, niter=KMEANS_ITERATIONS, seed=seed)
+    kmeans.train(vectors)
+    centroids = kmeans.centroids
+    while True:
+        nearest = (vectors @ centroids.T - 0.5 * (centroids**2).sum(1)).argmax(1)
+        counts = np.bincount(nearest, minlength=len(centroids))
+        small = np.flatnonzero(counts < min_size)
+        if not len(small):
+            break
+        centroids = np.delete(centroids, small[np.argmin(counts[small])], axis=0)
+    means = np.stack([vectors[nearest == j].mean(0) for j in range(len(centroids))])
+    return means.astype(np.float32), counts
 
 
 def build_bank(
@@ -52,14 +72,14 @@ def build_bank(
     seed: int = 0,
     image_vectors: Callable[[Sequence[Path]], np.ndarray] | None = None,
 ) -> HubBank:
-    """Banks of `cfg.bank` caption and photo vectors of `manifest` under `model`.
+    """Clustered banks of every caption and photo of `manifest` under `model`.
 
     Photos are decoded and embedded by the model unless `image_vectors` (paths → unit vectors,
     e.g. from cached backbone features) is given.
     """
     from engine.media import load_image
 
-    captions, photos = bank_members(manifest, cfg.bank, seed)
+    captions, photos = bank_members(manifest)
     text = np.concatenate(
         [
             model.embed_text(captions[s : s + TEXT_BATCH])
@@ -77,8 +97,18 @@ def build_bank(
             )
 
     images = image_vectors(photos)
-    log.info("hubness banks: %d captions, %d photos of %s", len(text), len(images), manifest)
-    return HubBank.build(text, images, tau=cfg.tau, beta=cfg.beta)
+    text_means, text_counts = cluster(text, cfg.text_clusters, min_size=cfg.min_cluster, seed=seed)
+    image_means, image_counts = cluster(
+        images, cfg.image_clusters, min_size=cfg.min_cluster, seed=seed
+    )
+    log.info(
+        "hubness banks from %s: %d captions in %d clusters, %d photos in %d clusters",
+        manifest, len(text), len(text_means), len(images), len(image_means),
+    )  # fmt: skip
+    return HubBank.build(
+        text_means, image_means, tau=cfg.tau, beta=cfg.beta,
+        text_weight=text_counts, image_weight=image_counts,
+    )  # fmt: skip
 
 
 def add_bank(model, manifest: Path, cfg: HubnessConfig, *, seed: int = 0, **kwargs) -> None:

@@ -89,7 +89,7 @@ class TrainConfig:
     text_layers: int = 0  # also tune this many top MiniLM layers (0 = frozen text tower)
     text_lr: float = 2e-5  # peak learning rate of the tuned text layers
     image_heads: int = 1  # image heads averaged (the stage's own + more against its text side)
-    hub_bank: int = 4096  # training captions and photos (each) in the hubness banks; 0: none
+    hubness: bool = True  # give the bundle query banks for hubness correction (trainer.hubness)
     seed: int = 0  # seeds data order, initialisation and dropout
 
 
@@ -559,7 +559,7 @@ def main(
             captions += c
         speech_history = train_speech_stage(audios, captions, model, cfg, cache_dir)
         round_to_half({"speech": heads["speech"]})
-    if cfg.hub_bank:
+    if cfg.hubness:
         _add_hub_bank(model, Path(manifest), cfg, cache_dir)
     model.save(out_dir)
     (out_dir / "train_config.json").write_text(
@@ -596,7 +596,7 @@ def _add_hub_bank(model: AlignedModel, manifest: Path, cfg: TrainConfig, cache_d
         feats = image_features([str(p) for p in paths], cache_dir, view="orig", tail=tail)
         return model.embed_image_features(feats.astype(np.float32))
 
-    add_bank(model, manifest, HubnessConfig(bank=cfg.hub_bank), seed=cfg.seed, image_vectors=cached)
+    add_bank(model, manifest, HubnessConfig(), seed=cfg.seed, image_vectors=cached)
 
 
 def evaluate_bundle(bundle: Path, dev: Path, cache_dir: Path) -> dict:

@@ -41,6 +41,10 @@ def test_penalty_matches_hand_computation():
     np.testing.assert_allclose(hub.penalty(x, "image"), expect * [1, 0], rtol=1e-5, atol=1e-6)
     with pytest.raises(QueryError, match="unknown modality"):
         hub.penalty(x, "video")
+    # a weighted row counts as that many equal rows
+    weighted = HubBank.build(text[1:], image, tau=0.5, beta=2.0, text_weight=np.array([2, 1]))
+    np.testing.assert_allclose(weighted.penalty(x, "speech"), got, rtol=1e-6)
+    assert weighted.center == pytest.approx(hub.center)
 
 
 def test_sharp_banks_stay_finite():
@@ -54,8 +58,10 @@ def test_sharp_banks_stay_finite():
 def test_bank_checks_and_query_kinds():
     with pytest.raises(ModelError, match="alike"):
         HubBank.build(np.ones((2, 3)), np.ones((2, 4)), tau=0.1, beta=1)
-    with pytest.raises(ModelError, match="empty"):
+    with pytest.raises(ModelError, match="non-empty"):
         HubBank.build(np.ones((0, 3)), np.ones((2, 3)), tau=0.1, beta=1)
+    with pytest.raises(ModelError, match="positive weight"):
+        HubBank.build(np.ones((2, 3)), np.ones((2, 3)), tau=0.1, beta=1, text_weight=[1, 0])
     with pytest.raises(ModelError, match="tau > 0"):
         HubBank.build(np.ones((1, 3)), np.ones((1, 3)), tau=0, beta=1)
     assert [penalty_column(k) for k in ("text", "speech", "image")] == [0, 0, 1]
@@ -77,8 +83,11 @@ def _unit(n: int, d: int, seed: int) -> np.ndarray:
 
 def test_bundle_with_banks_round_trips(tmp_path):
     torch.manual_seed(0)
-    cfg = HubnessConfig(bank=20, tau=0.1, beta=0.5)
-    hub = HubBank.build(_unit(20, 384, 1), _unit(12, 384, 2), tau=cfg.tau, beta=cfg.beta)
+    cfg = HubnessConfig(tau=0.1, beta=0.5)
+    weights = np.arange(1, 21)
+    hub = HubBank.build(
+        _unit(20, 384, 1), _unit(12, 384, 2), tau=cfg.tau, beta=cfg.beta, text_weight=weights
+    )
     heads = build_heads(_small_config(None), pretrained=False)
     plain = AlignedModel(_small_config(None), heads, fingerprint="t")
     plain.save(tmp_path / "plain")
@@ -96,7 +105,7 @@ def test_bundle_with_banks_round_trips(tmp_path):
     plain.save(tmp_path / "hub")
     assert not (tmp_path / "hub" / HUBNESS_FILE).exists()
     raw = json.loads((tmp_path / "hub" / "config.json").read_text())
-    raw["hubness"] = {"bank": 20, "tau": 0.1, "beta": 0.5}
+    raw["hubness"] = {"tau": 0.1, "beta": 0.5}
     (tmp_path / "hub" / "config.json").write_text(json.dumps(raw))
     with pytest.raises(ModelError, match="hubness.safetensors is missing"):
         load_model(tmp_path / "hub")

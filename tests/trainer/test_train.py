@@ -259,9 +259,9 @@ def test_train_main_builds_and_resumes_an_ensemble_bundle(monkeypatch, tmp_path)
 
     data = _synthetic()
     monkeypatch.setattr(T, "load_image_data", lambda *a, **k: data)
-    # the query banks: 10 captions and 8 photos, whose cached features are the synthetic ones
-    members = ([f"a caption {i}" for i in range(10)], [f"img{i}" for i in range(8)])
-    monkeypatch.setattr(H, "bank_members", lambda manifest, size, seed: members)
+    # the query banks: 40 captions and 30 photos, whose cached features are the synthetic ones
+    members = ([f"a caption {i}" for i in range(40)], [f"img{i}" for i in range(30)])
+    monkeypatch.setattr(H, "bank_members", lambda manifest: members)
     feats = {name: data.image_feats[0, i].numpy() for i, name in enumerate(data.images)}
     monkeypatch.setattr(
         T, "image_features", lambda paths, *a, **k: np.stack([feats[p] for p in paths])
@@ -282,11 +282,16 @@ def test_train_main_builds_and_resumes_an_ensemble_bundle(monkeypatch, tmp_path)
     assert bundle.config.image.heads == 3 and len(bundle.heads["image"].members) == 3
     history = json.loads((out / "train_config.json").read_text())["ensemble_history"]
     assert [v["heads"] for v in history["ensemble_val"]] == [1, 2, 3]
-    # the bundle carries query banks of the finished model's vectors
-    assert bundle.config.hubness.bank == 4096 and len(bundle.hub.text) == 10
+    # the bundle carries query banks of the finished model's vectors: clusters of >= 10, whose
+    # weighted means are the mean vectors of all captions and of all photos
+    assert bundle.config.hubness.min_cluster == 10
+    assert 1 <= len(bundle.hub.text) <= 4 and 1 <= len(bundle.hub.image) <= 3
     photos = bundle.embed_image_features(np.stack([feats[p] for p in members[1]]))
-    np.testing.assert_allclose(bundle.hub.image, photos, atol=1e-3)  # stored in float16
-    np.testing.assert_allclose(bundle.hub.text, bundle.embed_text(members[0]), atol=1e-3)
+    for rows, log_w, vectors in (
+        (bundle.hub.image, bundle.hub.image_log_weight, photos),
+        (bundle.hub.text, bundle.hub.text_log_weight, bundle.embed_text(members[0])),
+    ):
+        np.testing.assert_allclose(np.exp(log_w) @ rows, vectors.mean(0), atol=2e-3)
 
     calls.clear()
     again = load_model(T.main(tmp_path / "m.tsv", out_dir=out, image_heads=2, **settings))
