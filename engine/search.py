@@ -129,6 +129,7 @@ class SearchEngine:
         self.meta = store.meta()
         self.index_dir = store.index_dir
         self._model = model
+        self._hub: dict[tuple[str, str], tuple[np.ndarray, np.ndarray] | None] = {}
         if model is not None:
             self._check_model(model)
 
@@ -250,25 +251,31 @@ class SearchEngine:
         """
         query = np.asarray(query, dtype=np.float32).reshape(1, -1)
         column = None if kind is None else HUB_COLUMNS[penalty_column(kind)]
-        fetch = k if column is None else k + max(k, HUB_EXTRA)
         found: list[tuple[float, int]] = []
         for modality in self._targets(to):
             allowed = self.store.select_ids(modality, filters) if filters else None
             if allowed is not None and not len(allowed):
                 continue
+            penalties = None if column is None else self._penalties(modality, column)
+            fetch = k if penalties is None else k + max(k, HUB_EXTRA)
             scores, ids = self.vectors[modality].search(query, fetch, allowed=allowed)
-            near = [(float(s), int(i)) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0]
-            if column is not None:
-                near = sorted(self._corrected(near, column), key=lambda pair: (-pair[0], pair[1]))
-            found += near[:k]
+            scores, ids = scores[0], ids[0]
+            scores, ids = scores[ids >= 0], ids[ids >= 0]
+            if penalties is not None:
+                scores = scores - _lookup(*penalties, ids)
+                best = np.lexsort((ids, -scores))[:k]  # by score, then id
+                scores, ids = scores[best], ids[best]
+            found += [(float(s), int(i)) for s, i in zip(scores, ids, strict=True)]
         found.sort(key=lambda pair: (-pair[0], pair[1]))
         return self._hits(found[:k])
 
-    def _corrected(self, found: list[tuple[float, int]], column: str) -> list[tuple[float, int]]:
-        """Scores minus the items' hubness penalties in `column` (none stored: unchanged)."""
-        rows = self.store.get([i for _, i in found], [column])
-        penalty = {r["id"]: r[column] for r in rows}
-        return [(score - (penalty.get(i) or 0.0), i) for score, i in found]
+    def _penalties(self, modality: str, column: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """The items' hubness penalties (`Store.penalties`), read from SQLite once per engine
+        and modality, not at every search."""
+        key = (modality, column)
+        if key not in self._hub:
+            self._hub[key] = self.store.penalties(modality, column)
+        return self._hub[key]
 
     def _hits(self, found: list[tuple[float, int]]) -> list[Hit]:
         rows = {r["id"]: r for r in self.store.get([i for _, i in found], HIT_COLUMNS)}
@@ -418,6 +425,14 @@ class _UnionFind:
         for x in self.parent:
             out.setdefault(self.find(x), []).append(x)
         return [(m, self.weakest.get(r, 1.0)) for r, m in out.items()]
+
+
+def _lookup(keys: np.ndarray, values: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """`values` of `wanted` among sorted `keys`; 0 for a key that is not there."""
+    if not len(keys):
+        return np.zeros(len(wanted), dtype=np.float32)
+    pos = np.searchsorted(keys, wanted).clip(max=len(keys) - 1)
+    return np.where(keys[pos] == wanted, values[pos], np.float32(0.0))
 
 
 def _query_media(loader: Any, path: str | Path, kind: str) -> Any:

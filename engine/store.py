@@ -279,6 +279,21 @@ class Store:
         with self.engine.connect() as conn:
             return np.array(conn.execute(query).scalars().all(), dtype=np.int64)
 
+    def penalties(self, modality: str, column: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """`(ids, values)`: the hubness penalty `column` ("hub_text" or "hub_image") of every
+        item of `modality`, ids ascending (int64) with float32 values, NULL as 0; None when no
+        item has one (a model without query banks)."""
+        if column not in ("hub_text", "hub_image"):
+            raise QueryError(f"unknown penalty column {column!r}")
+        sql = f'SELECT id, "{column}" FROM items WHERE modality = ? ORDER BY id'
+        with self.engine.connect() as conn:
+            rows = conn.exec_driver_sql(sql, (modality,)).fetchall()
+        if not any(value is not None for _, value in rows):
+            return None
+        ids = np.fromiter((i for i, _ in rows), dtype=np.int64, count=len(rows))
+        values = np.fromiter((v or 0.0 for _, v in rows), dtype=np.float32, count=len(rows))
+        return ids, values
+
     def counts(self) -> dict[str, int]:
         """Number of items (vectors) per modality; modalities without items are absent."""
         query = select(items.c.modality, func.count()).group_by(items.c.modality)

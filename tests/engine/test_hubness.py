@@ -175,3 +175,24 @@ def test_bank_file_is_readable_whatever_the_umask(tmp_path):
     os.chmod(tmp_path / "config.json", 0o644)
     HubBank.build(_unit(3, 4, 0), _unit(3, 4, 1), tau=0.1, beta=1).save(tmp_path)
     assert stat.S_IMODE((tmp_path / HUBNESS_FILE).stat().st_mode) == 0o644
+
+
+def test_store_penalties_and_their_lookup(tmp_path, media):
+    from engine.search import _lookup
+    from engine.store import Store
+
+    bank = _unit(4, StubEmbedder().dim, 5)
+    index_folders([str(media)], tmp_path / "idx", HubStub(bank, bank, 1.0), model_source="t")
+    store = Store.open(tmp_path / "idx")
+    try:
+        ids, values = store.penalties("image", "hub_text")
+        rows = store.get(ids, ["hub_text"])
+        assert list(ids) == sorted(ids) and len(ids) == 3
+        np.testing.assert_allclose(values, [r["hub_text"] for r in rows], rtol=1e-6)
+        assert not store.penalties("text", "hub_text")[1].any()  # own modality: no penalty
+        with pytest.raises(QueryError, match="unknown penalty column"):
+            store.penalties("image", "path")
+    finally:
+        store.close()
+    got = _lookup(ids, values, np.array([ids[2], 10**9, ids[0]]))
+    np.testing.assert_array_equal(got, [values[2], 0.0, values[0]])
