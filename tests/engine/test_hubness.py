@@ -196,3 +196,14 @@ def test_store_penalties_and_their_lookup(tmp_path, media):
         store.close()
     got = _lookup(ids, values, np.array([ids[2], 10**9, ids[0]]))
     np.testing.assert_array_equal(got, [values[2], 0.0, values[0]])
+
+
+def test_the_shipped_model_carries_centered_banks():
+    model = load_model("default")
+    hub, cfg = model.hub, model.config.hubness
+    assert hub is not None and cfg.min_cluster >= 10
+    assert 1 < len(hub.text) <= cfg.text_clusters and 1 < len(hub.image) <= cfg.image_clusters
+    # the center makes a typical cross-modal candidate's penalty 0 on average
+    photos = model.hub_penalty(hub.image, "image")
+    assert np.exp(hub.image_log_weight) @ photos[:, 0] == pytest.approx(0.0, abs=1e-4)
+    assert not photos[:, 1].any()  # photos get no penalty from the photo bank
