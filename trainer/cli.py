@@ -329,12 +329,11 @@ def hubness(
     vectors of MANIFEST's captions or photos. Use training data, never the split you evaluate
     on. The bundle is changed in place (its weights are not): rebuild indexes built with it.
     """
-    from engine.config import HubnessConfig as Config
     from engine.model import bundle_fingerprint, load_model
     from trainer.hubness import add_bank, write_bank
 
     model = load_model(bundle)
-    cfg = Config(text_clusters, image_clusters, min_cluster, tau=tau, beta=beta)
+    cfg = HubnessConfig(text_clusters, image_clusters, min_cluster, tau=tau, beta=beta)
     add_bank(model, manifest, cfg, seed=seed)
     write_bank(model, bundle)
     click.echo(
