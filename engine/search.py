@@ -28,7 +28,7 @@ from engine.embedder import MODALITIES, Embedder
 from engine.errors import IndexStateError, MediaError, QueryError
 from engine.hubness import penalty_column
 from engine.media import load_audio, load_image, rms
-from engine.store import Filters, Store
+from engine.store import HUB_COLUMNS, Filters, Store
 from engine.vectors import VectorIndex, open_all
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,6 @@ DUPE_NEIGHBOURS = 16  # nearest neighbours examined per image when looking for d
 OPEN_RETRIES = 3  # a writer may swap vector files between reading meta and opening them
 NO_FILTERS = Filters()
 HIT_COLUMNS = ("path", "modality", "start", "end", "text", "segment")  # what a Hit shows
-HUB_COLUMNS = ("hub_text", "hub_image")  # items' hubness penalties, by `penalty_column`
 HUB_EXTRA = 100  # candidates beyond k re-ranked per modality with hubness penalties
 
 

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 DB_FILE = "index.sqlite"
 SCHEMA_VERSION = 2  # bumped when the tables change incompatibly (2: hubness penalties)
 SQL_CHUNK = 900  # ids per IN (...) clause, under SQLite's bound-variable limit
+HUB_COLUMNS = ("hub_text", "hub_image")  # hubness penalties, by `engine.hubness.penalty_column`
 
 _metadata = MetaData()
 
@@ -283,7 +284,7 @@ class Store:
         """`(ids, values)`: the hubness penalty `column` ("hub_text" or "hub_image") of every
         item of `modality`, ids ascending (int64) with float32 values, NULL as 0; None when no
         item has one (a model without query banks)."""
-        if column not in ("hub_text", "hub_image"):
+        if column not in HUB_COLUMNS:
             raise QueryError(f"unknown penalty column {column!r}")
         sql = f'SELECT id, "{column}" FROM items WHERE modality = ? ORDER BY id'
         with self.engine.connect() as conn:

@@ -334,7 +334,7 @@ def hubness(
 
     model = load_model(bundle)
     cfg = HubnessConfig(text_clusters, image_clusters, min_cluster, tau=tau, beta=beta)
-    add_bank(model, manifest, cfg, seed=seed)
+    add_bank(model, manifest, cfg, seed=seed, progress=True)
     write_bank(model, bundle)
     click.echo(
         f"{bundle}: banks of {len(model.hub.text)} caption and {len(model.hub.image)} photo "

@@ -71,32 +71,21 @@ def build_bank(
     *,
     seed: int = 0,
     image_vectors: Callable[[Sequence[Path]], np.ndarray] | None = None,
+    progress: bool = False,
 ) -> HubBank:
     """Clustered banks of every caption and photo of `manifest` under `model`.
 
     Photos are decoded and embedded by the model unless `image_vectors` (paths → unit vectors,
-    e.g. from cached backbone features) is given.
+    e.g. from cached backbone features) is given. `progress` shows bars while embedding.
     """
-    from engine.media import load_image
+    from trainer.evaluate import embed_image_files, embed_texts
 
     captions, photos = bank_members(manifest)
-    text = np.concatenate(
-        [
-            model.embed_text(captions[s : s + TEXT_BATCH])
-            for s in range(0, len(captions), TEXT_BATCH)
-        ]
-    )
+    text = embed_texts(captions, model, batch_size=TEXT_BATCH, progress=progress)
     if image_vectors is None:
-
-        def image_vectors(paths: Sequence[Path]) -> np.ndarray:
-            return np.concatenate(
-                [
-                    model.embed_images([load_image(p) for p in paths[s : s + IMAGE_BATCH]])
-                    for s in range(0, len(paths), IMAGE_BATCH)
-                ]
-            )
-
-    images = image_vectors(photos)
+        images = embed_image_files(photos, model, batch_size=IMAGE_BATCH, progress=progress)
+    else:
+        images = image_vectors(photos)
     text_means, text_counts = cluster(text, cfg.text_clusters, min_size=cfg.min_cluster, seed=seed)
     image_means, image_counts = cluster(
         images, cfg.image_clusters, min_size=cfg.min_cluster, seed=seed

@@ -590,13 +590,18 @@ def _add_hub_bank(model: AlignedModel, manifest: Path, cfg: TrainConfig, cache_d
     from engine.config import HubnessConfig
     from trainer.hubness import add_bank
 
-    tail = model.heads.get("image_tail")
-
     def cached(paths) -> np.ndarray:
-        feats = image_features([str(p) for p in paths], cache_dir, view="orig", tail=tail)
-        return model.embed_image_features(feats.astype(np.float32))
+        return cached_image_vectors(model, paths, cache_dir)
 
     add_bank(model, manifest, HubnessConfig(), seed=cfg.seed, image_vectors=cached)
+
+
+def cached_image_vectors(model: AlignedModel, paths, cache_dir: Path) -> np.ndarray:
+    """The model's `(n, dim)` vectors of photos, from their cached backbone features (the
+    original view) through the model's tuned tail, if any, and image head."""
+    tail = model.heads.get("image_tail")
+    feats = image_features([str(p) for p in paths], cache_dir, view="orig", tail=tail)
+    return model.embed_image_features(feats.astype(np.float32))
 
 
 def evaluate_bundle(bundle: Path, dev: Path, cache_dir: Path) -> dict:
@@ -606,12 +611,10 @@ def evaluate_bundle(bundle: Path, dev: Path, cache_dir: Path) -> dict:
     model = load_model(bundle)
     manifest = read_manifest(dev)
     es = build_eval_set(manifest)
-    tail = model.heads.get("image_tail")
-    feats = image_features([str(p) for p in es.images], cache_dir, view="orig", tail=tail)
     text = model.embed_text(list(es.texts))
     return evaluate(
         manifest,
         model,
         text_vectors=text,
-        image_vectors=model.embed_image_features(feats.astype(np.float32)),
+        image_vectors=cached_image_vectors(model, es.images, cache_dir),
     )
