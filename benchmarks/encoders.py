@@ -3,8 +3,9 @@ speech × real time (parallel and cascaded branches), text sentences/s.
 
     .venv/bin/python benchmarks/encoders.py [--model default] [--seconds 20]
 
-Images and text are timed as shipped (on CPUs with AMX the text graph runs in bfloat16), with
-float32 graphs (XMODAL_PRECISION=fp32), and, as baselines in the same process, with the towers
+Images and text are timed as shipped (on CPUs with AMX the text graph runs in bfloat16; the
+image heads run in int8, engine.heads.Int8OnReuse), with float32 graphs and heads
+(XMODAL_PRECISION=fp32), and, as baselines in the same process, with the towers
 eager (XMODAL_EAGER=1, no engine.graph) and eager with all torch threads at every batch size
 (also no engine.threads): the code before those two. Media are generated here (seeded
 smooth-colour JPEGs at 224 px, an espeak-ng clip), so the
@@ -58,7 +59,7 @@ def _timed(fn, n_items: int, seconds: float) -> float:
 
 
 def _variants(model, fn, n_items: int, seconds: float) -> tuple[float, float, float, float]:
-    """`_timed` as shipped, with float32 graphs, then with every tower eager, then eager with
+    """`_timed` as shipped, with float32 graphs and heads, then with every tower eager, then eager with
     all torch threads at every batch size (the code before engine.graph and engine.threads)."""
 
     def retrace() -> None:
@@ -143,7 +144,7 @@ def main() -> None:
             rates = _variants(model, lambda b=batch: model.embed_text(b), bs, args.seconds)
             rows.append(("text sentences/s", bs, *rates, "≥ 300"))
     header = (
-        "| what | batch | shipped | float32 graphs | eager | eager, all threads "
+        "| what | batch | shipped | float32 graphs and heads | eager | eager, all threads "
         "| × eager, all threads | target |\n|---|---|---|---|---|---|---|---|\n"
     )
     table = header + "".join(

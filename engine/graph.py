@@ -17,8 +17,9 @@ same features. On CPUs with AMX tiles (bfloat16 matrix units) a graph built with
 tower uses it: MiniLM-L6 4.8 → 1.8 ms per sentence at a fixed length, sentence vectors within
 cosine 0.9999 of float32 and the same dev recall (benchmarks/RESULTS.md, 2026-11-29); the
 image tower does not (EfficientNet-Lite0 7.2 → 3.6 ms, but cosine down to 0.992). The first call
-per key, eager, stays float32. `XMODAL_PRECISION=fp32` keeps float32 everywhere, `=bf16` forces
-bfloat16 where oneDNN supports it.
+per key, eager, stays float32. `XMODAL_PRECISION=fp32` keeps float32 everywhere (the image
+heads' int8 matmuls included, `engine.heads.Int8OnReuse`), `=bf16` forces bfloat16 where
+oneDNN supports it.
 """
 
 from __future__ import annotations
@@ -39,11 +40,17 @@ ENV_SWITCH = "XMODAL_EAGER"  # set to 1 to run every tower eagerly (debugging, c
 PRECISION_ENV = "XMODAL_PRECISION"  # auto (default) | fp32 | bf16
 
 
-def bf16_graphs() -> bool:
-    """Whether `low_precision` graphs run in bfloat16 here: `XMODAL_PRECISION`, else AMX."""
+def precision() -> str:
+    """`XMODAL_PRECISION`: auto (the default), fp32 or bf16; anything else raises."""
     choice = os.environ.get(PRECISION_ENV, "auto").lower()
     if choice not in ("auto", "fp32", "bf16"):
         raise ValueError(f"{PRECISION_ENV} must be auto, fp32 or bf16, not {choice!r}")
+    return choice
+
+
+def bf16_graphs() -> bool:
+    """Whether `low_precision` graphs run in bfloat16 here: `XMODAL_PRECISION`, else AMX."""
+    choice = precision()
     if choice == "fp32":
         return False
     if choice == "bf16":

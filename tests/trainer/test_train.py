@@ -5,6 +5,7 @@ import numpy as np
 import torch
 
 from engine.config import ModelConfig, SpeechHeadConfig, SpeechTowerConfig
+from engine.graph import PRECISION_ENV
 from engine.model import AlignedModel, load_model
 from trainer import train as T
 
@@ -247,6 +248,7 @@ def test_image_head_ensemble_trains_against_the_fixed_text_side(monkeypatch, tmp
         ]
     mean = torch.stack(units).mean(0)
     expect = torch.nn.functional.normalize(mean, dim=-1).numpy()
+    monkeypatch.setenv(PRECISION_ENV, "fp32")  # the heads' own float32 (int8: test_heads.py)
     np.testing.assert_allclose(loaded.embed_image_features(feats), expect, atol=1e-6)
 
 
