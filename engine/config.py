@@ -75,6 +75,7 @@ class SpeechTowerConfig:
     beam_size: int = 5  # Whisper beam search width for transcripts (1 = greedy, fastest)
     hypotheses: int = 1  # Whisper's n-best transcripts averaged into the cascaded vector
     prompt: str = ""  # text Whisper reads as what came before each clip ("" = none)
+    adapter: bool = False  # the bundle carries a low-rank update of Whisper's decoder
 
 
 @dataclass(frozen=True)

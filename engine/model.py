@@ -26,6 +26,7 @@ from engine.errors import ModelError, QueryError
 from engine.heads import HeadEnsemble, Int8OnReuse, MLPHead, SpeechHead, lengths_to_mask
 from engine.hubness import HUBNESS_FILE, HubBank
 from engine.media import SAMPLE_RATE
+from engine.speech import WhisperAdapter
 from engine.threads import SMALL_BATCH, one_thread_each, threads_for
 
 log = logging.getLogger(__name__)
@@ -83,15 +84,19 @@ class AlignedModel:
         *,
         fingerprint: str,
         hub: HubBank | None = None,
+        whisper_adapter: WhisperAdapter | None = None,
     ) -> None:
         if (config.hubness is None) != (hub is None):
             raise ModelError("config.hubness and the hubness banks must come together")
+        if config.speech.adapter != (whisper_adapter is not None):
+            raise ModelError("config.speech.adapter and the Whisper adapter must come together")
         self.config = config
         self.name = config.name
         self.dim = config.dim
         self.fingerprint = fingerprint
         self.heads = heads
         self.hub = hub
+        self.whisper_adapter = whisper_adapter
         for head in heads.values():
             head.eval().requires_grad_(False)
 
@@ -122,7 +127,7 @@ class AlignedModel:
     def whisper(self):
         from engine.speech import Whisper
 
-        return Whisper(os.environ.get("XMODAL_WHISPER_DIR"))
+        return Whisper(os.environ.get("XMODAL_WHISPER_DIR"), adapter=self.whisper_adapter)
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Decoded RGB images → the `(n, 3, s, s)` tensor this model's image tower takes."""
@@ -290,7 +295,7 @@ class AlignedModel:
     # -- bundles -------------------------------------------------------------------------------
     def save(self, bundle_dir: str | Path) -> None:
         """Write `config.json`, `heads.safetensors` (trained parts only) and, with banks,
-        `hubness.safetensors`."""
+        `hubness.safetensors`, with a Whisper adapter `whisper_adapter.safetensors`."""
         from safetensors.torch import save_file
 
         bundle_dir = Path(bundle_dir)
@@ -300,6 +305,10 @@ class AlignedModel:
             self.hub.save(bundle_dir)  # after config.json, whose file mode it copies
         else:
             (bundle_dir / HUBNESS_FILE).unlink(missing_ok=True)
+        if self.whisper_adapter is not None:
+            self.whisper_adapter.save(bundle_dir)  # after config.json, whose mode it copies
+        else:
+            (bundle_dir / WhisperAdapter.FILE).unlink(missing_ok=True)
         if sorted(self.heads) != sorted(head_names(self.config)):
             raise ModelError(
                 f"heads {sorted(self.heads)} do not match the config's {head_names(self.config)}"
@@ -396,8 +405,8 @@ def build_heads(config: ModelConfig, *, pretrained: bool = True) -> dict[str, to
 def bundle_fingerprint(bundle_dir: Path) -> str:
     """A hash of the bundle's files: it changes whenever the vectors it makes could change."""
     h = hashlib.sha256()
-    for name in ("config.json", WEIGHTS_FILE, HUBNESS_FILE):
-        if name != HUBNESS_FILE or (bundle_dir / name).exists():
+    for name in ("config.json", WEIGHTS_FILE, HUBNESS_FILE, WhisperAdapter.FILE):
+        if name in ("config.json", WEIGHTS_FILE) or (bundle_dir / name).exists():
             h.update((bundle_dir / name).read_bytes())
     return h.hexdigest()[:16]
 
@@ -432,4 +441,11 @@ def load_model(name_or_path: str | Path = DEFAULT_MODEL) -> AlignedModel:
     if config.hubness is not None:
         cfg = config.hubness
         hub = HubBank.load(bundle_dir, dim=config.dim, tau=cfg.tau, beta=cfg.beta)
-    return AlignedModel(config, heads, fingerprint=bundle_fingerprint(bundle_dir), hub=hub)
+    adapter = WhisperAdapter.load(bundle_dir) if config.speech.adapter else None
+    return AlignedModel(
+        config,
+        heads,
+        fingerprint=bundle_fingerprint(bundle_dir),
+        hub=hub,
+        whisper_adapter=adapter,
+    )

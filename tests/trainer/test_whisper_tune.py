@@ -1,0 +1,140 @@
+"""The Whisper decoder adapter (trainer.whisper_tune) on the packaged Whisper and the project's
+fixture clips."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from engine.config import ModelConfig, SpeechTowerConfig
+from engine.media import load_audio
+from engine.model import AlignedModel, build_heads, load_model
+from engine.speech import PROMPT, Whisper, prepare_whisper
+from trainer import whisper_tune as W
+
+FIXTURES = Path(__file__).parents[1] / "fixtures"
+CLIPS = {
+    "dog_on_beach.wav": "A brown dog is running on the beach .",
+    "kids_football.wav": "Two children are playing football in a park .",
+}
+
+
+@pytest.fixture(scope="module")
+def whisper() -> Whisper:
+    return Whisper(threads=1)
+
+
+@pytest.fixture(scope="module")
+def decoder() -> W.TorchDecoder:
+    return W.TorchDecoder(prepare_whisper() / "model.bin").eval()
+
+
+def _greedy(decoder, whisper, states: np.ndarray, limit: int = 40) -> str:
+    tokens = [whisper.tokenizer.token_to_id(t) for t in PROMPT]
+    end = whisper.tokenizer.token_to_id("<|endoftext|>")
+    start = len(tokens)
+    with torch.inference_mode():
+        for _ in range(limit):
+            logits = decoder(torch.tensor([tokens]), torch.from_numpy(states))[0, -1]
+            token = int(logits.argmax())
+            if token == end:
+                break
+            tokens.append(token)
+    return whisper.tokenizer.decode(tokens[start:]).strip()
+
+
+def test_torch_decoder_transcribes_as_ctranslate2(decoder, whisper):
+    """Greedy transcripts token for token as CTranslate2's in float32 (the engine's int8 may
+    differ in a letter's case)."""
+    import ctranslate2
+
+    exact = ctranslate2.models.Whisper(str(prepare_whisper()), compute_type="float32")
+    prompt = [whisper.tokenizer.token_to_id(t) for t in PROMPT]
+    for name in CLIPS:
+        encoded = whisper.encode([load_audio(FIXTURES / name)])
+        states = ctranslate2.StorageView.from_array(encoded.states)
+        ids = exact.generate(states, [prompt], beam_size=1, max_length=60)[0].sequences_ids[0]
+        expect = whisper.tokenizer.decode(ids).strip()
+        assert "beach" in expect or "football" in expect
+        assert _greedy(decoder, whisper, encoded.states) == expect
+
+
+def test_as_written():
+    assert W.as_written("a dog runs , jumps .") == "A dog runs, jumps."
+    assert W.as_written("  Two  dogs play ! ") == "Two dogs play!"
+
+
+@pytest.fixture
+def voiced(tmp_path) -> Path:
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (200, 180, 120)).save(tmp_path / "photo.png")
+    lines = ["image\tcaption\taudio"]
+    for name, caption in CLIPS.items():
+        shutil.copy(FIXTURES / name, tmp_path / name)
+        lines.append(f"photo.png\t{caption}\t{name}")
+    lines.append("photo.png\tno recording here\t")
+    (tmp_path / "voiced.tsv").write_text("\n".join(lines) + "\n")
+    return tmp_path / "voiced.tsv"
+
+
+def test_states_are_cached_and_reused(whisper, tmp_path):
+    audio = [FIXTURES / n for n in CLIPS]
+    first = W.cache_states(audio, list(CLIPS.values()), whisper, tmp_path)
+    assert first.states.shape == (2, W.STATES, 512) and first.states.dtype == np.float16
+    expect = whisper.encode([load_audio(audio[1])]).states[0]
+    np.testing.assert_allclose(first.states[1], expect, rtol=1e-3, atol=2e-3)  # float16
+
+    class NoWhisper:
+        def encode(self, clips):
+            raise AssertionError("should come from the cache")
+
+    again = W.cache_states(audio, list(CLIPS.values()), NoWhisper(), tmp_path)
+    np.testing.assert_array_equal(again.states, first.states)
+    assert again.captions == list(CLIPS.values())
+
+
+def test_training_lowers_the_loss_and_the_adapter_names_ct2_weights(whisper, tmp_path):
+    cache = W.cache_states([FIXTURES / n for n in CLIPS], list(CLIPS.values()), whisper, tmp_path)
+    decoder = W.TorchDecoder(prepare_whisper() / "model.bin", rank=4)
+    zero = decoder.adapter()  # B starts at zero: no change yet
+    assert all(not b.any() for _, b in zero.factors.values())
+    assert len(zero.factors) == W.LAYERS * len(W.LINEARS)
+    cfg = W.TuneConfig(rank=4, epochs=15, lr=2e-3, batch_size=2)
+    losses = W.train_adapter(decoder, cache, whisper.tokenizer, context="A prompt.", cfg=cfg)
+    assert len(losses) == 15 and np.mean(losses[-3:]) < 0.5 * np.mean(losses[:3])
+    trained = decoder.adapter()
+    a, b = trained.factors["decoder/layer_5/ffn/linear_1/weight"]
+    assert a.shape == (4, 2048) and b.shape == (512, 4) and np.abs(b).max() > 0
+
+
+def test_tune_whisper_writes_an_adapter_the_engine_uses(voiced, tmp_path, monkeypatch):
+    """End to end: `xmodal tune-whisper` gives a bundle the adapter; loading the bundle merges
+    it into a cached copy of Whisper's weights, which CTranslate2 loads and decodes with."""
+    import engine.speech as S
+    from trainer.cli import tune_whisper as command
+
+    packaged = prepare_whisper()  # joined once by setup
+    monkeypatch.setattr(S, "_joined_whisper", lambda: packaged)
+    monkeypatch.setenv("XMODAL_CACHE", str(tmp_path / "xcache"))
+    cfg = ModelConfig(name="tiny", speech=SpeechTowerConfig(prompt="A dog."))
+    bundle = tmp_path / "bundle"
+    AlignedModel(cfg, build_heads(cfg), fingerprint="x").save(bundle)
+    before = load_model(bundle).fingerprint
+    args = [str(bundle), str(voiced), "--cache-dir", str(tmp_path / "c"), "--rank", "2"]
+    result = CliRunner().invoke(command, args + ["--epochs", "2", "--batch-size", "2"])
+    assert result.exit_code == 0, result.output
+    assert "2 clips" in result.output
+    model = load_model(bundle)
+    assert model.config.speech.adapter and model.fingerprint != before
+    assert len(model.whisper_adapter.factors) == W.LAYERS * len(W.LINEARS)
+    clip = load_audio(FIXTURES / "dog_on_beach.wav")
+    heard = model.whisper.transcribe(model.whisper.encode([clip]))
+    merged = list((tmp_path / "xcache").glob("whisper-base-ct2-*"))
+    assert len(merged) == 1 and (merged[0] / "model.bin").exists()
+    assert "dog" in heard[0].lower()
