@@ -138,3 +138,27 @@ def test_tune_whisper_writes_an_adapter_the_engine_uses(voiced, tmp_path, monkey
     merged = list((tmp_path / "xcache").glob("whisper-base-ct2-*"))
     assert len(merged) == 1 and (merged[0] / "model.bin").exists()
     assert "dog" in heard[0].lower()
+
+
+def test_the_shipped_model_hears_the_fixtures_through_its_adapter():
+    """The default bundle's adapter fits Whisper base's decoder, changes its weights a little,
+    and the merged Whisper still transcribes the project's (espeak-ng) clips."""
+    from engine.ct2 import read_array, read_index
+
+    model = load_model("default")
+    adapter = model.whisper_adapter
+    assert model.config.speech.adapter and adapter is not None
+    data = (prepare_whisper() / "model.bin").read_bytes()
+    index = read_index(data)
+    assert set(adapter.factors) <= set(index)
+    for name in (
+        "decoder/layer_0/self_attention/linear_0/weight",
+        "decoder/layer_5/ffn/linear_1/weight",
+    ):
+        base = read_array(data, index[name]).astype(np.float32)
+        update = adapter.merged(name, base) - base
+        assert 0 < np.linalg.norm(update) < 0.5 * np.linalg.norm(base)
+    for name, caption in CLIPS.items():
+        heard = model.hypotheses(model.whisper.encode([load_audio(FIXTURES / name)]))[0][0]
+        words = set(caption.lower().split())
+        assert len(words & set(heard.lower().rstrip(".").split())) >= len(words) - 1, heard
