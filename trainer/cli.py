@@ -416,9 +416,19 @@ def asr_captions(manifest: Path, out: Path, model: str) -> None:
     "under the user cache folder.",
 )
 @click.option("--rank", type=click.IntRange(min=1), default=16, help="Rank of each update.")
-@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=2.0)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=5e-4)
-@click.option("--batch-size", type=click.IntRange(min=1), default=16)
+@click.option(
+    "--epochs",
+    type=click.FloatRange(min=0, min_open=True),
+    default=2.0,
+    help="Passes over the clips (fractions allowed).",
+)
+@click.option(
+    "--lr",
+    type=click.FloatRange(min=0, min_open=True),
+    default=5e-4,
+    help="Peak learning rate (warm-up, then cosine decay).",
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, help="Clips per step.")
 @click.option("--seed", type=int, default=0, help="Seeds the factors' start and the batches.")
 def tune_whisper(
     bundle: Path, manifest: Path, cache_dir: Path | None, rank: int, epochs: float, lr: float,
