@@ -106,10 +106,9 @@ class Int8OnReuse:
     model's 5 image heads (30M weights) at batch 1 on one thread took 8.4 ms in float32 and
     3.6 ms in int8, their vectors within cosine 0.9994 of float32's and the same held-out
     recall; the whole image path at batch 1 1.16x the images per second (an AMD EPYC VM,
-    benchmarks/RESULTS.md, "Encoder speed" of 2026-11-29 19:36). Quantizing takes ~0.4 s, so, as with
-    `engine.graph`'s traces, a one-shot call on a few images (`xmodal search --image`) stays
-    float32.
-    `XMODAL_PRECISION=fp32` keeps float32. Use under `torch.inference_mode()`; the module's
+    benchmarks/RESULTS.md, "Encoder speed" of 2026-11-29 19:36). Quantizing takes ~0.4 s,
+    so, as with `engine.graph`'s traces, a one-shot call on a few images (`xmodal search
+    --image`) stays float32. `XMODAL_PRECISION=fp32` keeps float32. Use under `torch.inference_mode()`; the module's
     weights must not change once it has been quantized.
     """
 

@@ -147,15 +147,18 @@ def _adapted_whisper(base: Path, adapter: WhisperAdapter) -> Path:
     if (target / "model.bin").exists():  # written atomically, so complete
         return target
     log.info("merging the bundle's Whisper adapter into %s (once)", target)
-    target.mkdir(parents=True, exist_ok=True)
     data = (base / "model.bin").read_bytes()
     index = read_index(data, source=str(base / "model.bin"))
     new = {}
-    for name in adapter.factors:
-        if name not in index:
-            raise ModelError(f"the Whisper adapter names {name!r}, which Whisper base lacks")
+    for name, (a, b) in adapter.factors.items():
+        if name not in index or index[name].shape != (b.shape[0], a.shape[1]):
+            raise ModelError(
+                f"the Whisper adapter's {name!r} does not fit Whisper base "
+                f"({index[name].shape if name in index else 'no such weight'})"
+            )
         new[name] = adapter.merged(name, read_array(data, index[name]))
     del data
+    target.mkdir(parents=True, exist_ok=True)
     for name in MODEL_FILES:
         shutil.copyfile(base / name, target / name)
     write_patched(base / "model.bin", target / "model.bin", new)

@@ -149,3 +149,20 @@ def test_a_users_whisper_folder_is_used_as_it_is(tmp_path, caplog):
     (tmp_path / "model.bin").write_bytes(b"")
     assert prepare_whisper(tmp_path, adapter=_adapter()) == tmp_path
     assert "not applied" in caplog.text
+
+
+def test_an_adapter_that_does_not_fit_is_refused(monkeypatch, tmp_path, model_bin):
+    import engine.speech as S
+
+    path, _ = model_bin
+    monkeypatch.setattr(S, "_joined_whisper", lambda: path.parent)
+    monkeypatch.setenv("XMODAL_CACHE", str(tmp_path / "cache"))
+    wide = WhisperAdapter(
+        {"decoder/layer_0/ffn/linear_0/weight": (np.ones((2, 5), np.float32), np.ones((6, 2)))}
+    )
+    with pytest.raises(ModelError, match="does not fit"):
+        prepare_whisper(adapter=wide)
+    missing = WhisperAdapter({"decoder/nope/weight": (np.ones((2, 4)), np.ones((6, 2)))})
+    with pytest.raises(ModelError, match="no such weight"):
+        prepare_whisper(adapter=missing)
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
