@@ -76,17 +76,20 @@ def read_array(data: bytes | mmap.mmap, var: Variable) -> np.ndarray:
     return np.frombuffer(data, dtype, var.nbytes // dtype.itemsize, var.offset).reshape(var.shape)
 
 
-def write_patched(src: Path, dst: Path, new: dict[str, np.ndarray]) -> None:
-    """Copy the `model.bin` at `src` to `dst` with the variables in `new` replaced (same shape;
-    cast to the variable's dtype). `dst` appears complete or not at all."""
-    data = bytearray(Path(src).read_bytes())
-    index = read_index(data, source=str(src))
+def write_patched(
+    data: bytes, dst: Path, new: dict[str, np.ndarray], *, source: str = "model.bin"
+) -> None:
+    """Write the `model.bin` bytes `data` (read from `source`) to `dst` with the variables in
+    `new` replaced (same shape; cast to the variable's dtype). `dst` appears complete or not at
+    all."""
+    data = bytearray(data)
+    index = read_index(data, source=source)
     for name, values in new.items():
         var = index.get(name)
         if var is None:
-            raise ModelError(f"{src} has no variable {name!r}")
+            raise ModelError(f"{source} has no variable {name!r}")
         if tuple(values.shape) != var.shape:
-            raise ModelError(f"{name}: shape {tuple(values.shape)}, {src} has {var.shape}")
+            raise ModelError(f"{name}: shape {tuple(values.shape)}, {source} has {var.shape}")
         data[var.offset : var.offset + var.nbytes] = np.ascontiguousarray(
             values, dtype=var.dtype
         ).tobytes()

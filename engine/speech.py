@@ -147,8 +147,9 @@ def _adapted_whisper(base: Path, adapter: WhisperAdapter) -> Path:
     if (target / "model.bin").exists():  # written atomically, so complete
         return target
     log.info("merging the bundle's Whisper adapter into %s (once)", target)
-    data = (base / "model.bin").read_bytes()
-    index = read_index(data, source=str(base / "model.bin"))
+    source = base / "model.bin"
+    data = source.read_bytes()  # read once: the merge reads weights, the copy writes them
+    index = read_index(data, source=str(source))
     new = {}
     for name, (a, b) in adapter.factors.items():
         if name not in index or index[name].shape != (b.shape[0], a.shape[1]):
@@ -157,11 +158,10 @@ def _adapted_whisper(base: Path, adapter: WhisperAdapter) -> Path:
                 f"({index[name].shape if name in index else 'no such weight'})"
             )
         new[name] = adapter.merged(name, read_array(data, index[name]))
-    del data
     target.mkdir(parents=True, exist_ok=True)
     for name in MODEL_FILES:
         shutil.copyfile(base / name, target / name)
-    write_patched(base / "model.bin", target / "model.bin", new)
+    write_patched(data, target / "model.bin", new, source=str(source))
     return target
 
 
@@ -246,7 +246,7 @@ class Whisper:
         # share one pool
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="xmodal-whisper")
         self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
-        self.prompt = [self.tokenizer.token_to_id(t) for t in PROMPT]
+        self.prompt = decoder_prompt(self.tokenizer)
         if None in self.prompt:
             raise ModelError(f"{path}/tokenizer.json lacks Whisper's special tokens")
         self.features = WhisperFeatureExtractor(feature_size=N_MELS)
@@ -314,9 +314,7 @@ class Whisper:
             results = self._generate(encoded, self.prompt, beam_size, count)
             gate = results
         else:
-            before = self.tokenizer.encode(" " + context.strip(), add_special_tokens=False).ids
-            before = before[-MAX_CONTEXT_TOKENS:]
-            prompt = [self.tokenizer.token_to_id(PREVIOUS), *before, *self.prompt]
+            prompt = decoder_prompt(self.tokenizer, context)
             gate = self._generate(encoded, self.prompt, 1, 1, max_length=1)
             results = self._generate(encoded, prompt, beam_size, count)
         out = [
@@ -374,6 +372,17 @@ class Whisper:
             return []
         texts = (self.tokenizer.decode(ids).strip() for ids in result.sequences_ids)
         return [t for t in texts if t]
+
+
+def decoder_prompt(tokenizer, context: str = "") -> list[int]:
+    """The token ids Whisper's decoder starts from: English transcription without timestamps
+    (`PROMPT`), after `context` as the previous text (its last `MAX_CONTEXT_TOKENS` tokens)
+    when `context` is not blank."""
+    prompt = [tokenizer.token_to_id(t) for t in PROMPT]
+    if not context.strip():
+        return prompt
+    before = tokenizer.encode(" " + context.strip(), add_special_tokens=False).ids
+    return [tokenizer.token_to_id(PREVIOUS), *before[-MAX_CONTEXT_TOKENS:], *prompt]
 
 
 def _usable_cpus() -> int:

@@ -35,7 +35,7 @@ from torch import nn
 from engine.ct2 import read_array, read_index
 from engine.errors import MediaError, XmodalError
 from engine.media import SAMPLE_RATE
-from engine.speech import ENCODER_WIDTH, PREVIOUS, PROMPT, WhisperAdapter
+from engine.speech import ENCODER_WIDTH, WhisperAdapter, decoder_prompt
 
 log = logging.getLogger(__name__)
 
@@ -270,10 +270,8 @@ def train_adapter(
 
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    special = [tokenizer.token_to_id(t) for t in PROMPT]
+    plain, prompted = decoder_prompt(tokenizer), decoder_prompt(tokenizer, context)
     end = tokenizer.token_to_id("<|endoftext|>")
-    before = [tokenizer.token_to_id(PREVIOUS)]
-    before += tokenizer.encode(" " + context.strip(), add_special_tokens=False).ids
     targets = [
         tokenizer.encode(" " + as_written(c), add_special_tokens=False).ids + [end]
         for c in cache.captions
@@ -297,8 +295,8 @@ def train_adapter(
         batch = [order.pop() for _ in range(min(cfg.batch_size, len(order)))]
         seqs, labels = [], []
         for i in batch:
-            prefix = before if context.strip() and rng.random() < cfg.context_share else []
-            prefix = prefix + special
+            with_context = context.strip() and rng.random() < cfg.context_share
+            prefix = prompted if with_context else plain
             seqs.append(prefix + targets[i][:-1])
             labels.append([-100] * (len(prefix) - 1) + targets[i])
         width = max(map(len, seqs))

@@ -60,7 +60,7 @@ def test_patch_replaces_only_what_it_names(model_bin, tmp_path):
     name = "decoder/layer_0/ffn/linear_0/weight"
     new = np.arange(24, dtype=np.float32).reshape(6, 4)
     out = tmp_path / "patched.bin"
-    write_patched(path, out, {name: new})
+    write_patched(path.read_bytes(), out, {name: new})
     before, after = path.read_bytes(), out.read_bytes()
     assert len(before) == len(after)
     index = read_index(after)
@@ -75,9 +75,10 @@ def test_patch_replaces_only_what_it_names(model_bin, tmp_path):
 def test_patch_refuses_unknown_names_and_shapes(model_bin, tmp_path):
     path, _ = model_bin
     with pytest.raises(ModelError, match="no variable"):
-        write_patched(path, tmp_path / "x.bin", {"decoder/nope": np.zeros(1)})
+        write_patched(path.read_bytes(), tmp_path / "x.bin", {"decoder/nope": np.zeros(1)})
     with pytest.raises(ModelError, match="shape"):
-        write_patched(path, tmp_path / "x.bin", {"decoder/layer_0/ffn/linear_0/bias": np.zeros(5)})
+        bias = {"decoder/layer_0/ffn/linear_0/bias": np.zeros(5)}
+        write_patched(path.read_bytes(), tmp_path / "x.bin", bias)
     assert not (tmp_path / "x.bin").exists()
 
 
