@@ -205,23 +205,24 @@ def cache_states(
     audio: Sequence[Path], captions: Sequence[str], whisper, cache_dir: Path, *, progress=False
 ) -> StateCache:
     """Whisper's encoder states of each clip as inference computes them (a window of 10 s,
-    `engine.speech.MIN_FRAMES`), cached in `cache_dir` by chunks of `CHUNK` clips (a rerun
-    reuses them). Clips longer than `MAX_SECONDS` or unreadable are left out, with a warning."""
+    `engine.speech.MIN_FRAMES`), cached in `cache_dir` by chunks of `CHUNK` clips. A chunk's
+    file is named by its clips (path, size, modification time) and captions, so a rerun, or a
+    manifest that only appends rows, reuses what is there. Clips longer than `MAX_SECONDS` or
+    unreadable are left out, with a warning."""
     from tqdm import tqdm
 
     from engine.media import load_audio
 
-    key = hashlib.sha256(
-        "\n".join(f"{a}\t{c}" for a, c in zip(audio, captions, strict=True)).encode()
-    )
-    folder = Path(cache_dir) / f"whisper-states-{key.hexdigest()[:16]}"
+    if len(audio) != len(captions):
+        raise ValueError(f"{len(audio)} clips but {len(captions)} captions")
+    folder = Path(cache_dir) / "whisper-states"
     folder.mkdir(parents=True, exist_ok=True)
     parts, kept = [], []
     starts = range(0, len(audio), CHUNK)
     for start in tqdm(starts, desc="encoder states", unit="chunk", disable=not progress):
-        path = folder / f"{start // CHUNK:05d}.npz"
+        rows = range(start, min(start + CHUNK, len(audio)))
+        path = folder / f"{_chunk_key([audio[i] for i in rows], [captions[i] for i in rows])}.npz"
         if not path.exists():
-            rows = range(start, min(start + CHUNK, len(audio)))
             states = np.zeros((len(rows), STATES, ENCODER_WIDTH), np.float16)
             keep = np.zeros(len(rows), bool)
             clips = {}
@@ -249,6 +250,20 @@ def cache_states(
     if not kept:
         raise XmodalError("no clip could be encoded")
     return StateCache(np.concatenate(parts), kept)
+
+
+def _chunk_key(audio: Sequence[Path], captions: Sequence[str]) -> str:
+    """Names a chunk of cached states: its clips (path, size, modification time: a clip
+    written again gets new states) and captions, and the states' shape."""
+    key = hashlib.sha256(f"{STATES} {ENCODER_WIDTH}".encode())
+    for a, c in zip(audio, captions, strict=True):
+        try:
+            st = Path(a).stat()
+            stamp = f"{st.st_size} {st.st_mtime_ns}"
+        except OSError:
+            stamp = "missing"
+        key.update(f"\n{a}\t{stamp}\t{c}".encode())
+    return key.hexdigest()[:20]
 
 
 def _groups(items: list, size: int) -> list[list]:

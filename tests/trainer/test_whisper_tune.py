@@ -99,6 +99,25 @@ def test_states_are_cached_and_reused(whisper, tmp_path):
     assert again.captions == list(CLIPS.values())
 
 
+def test_appended_rows_reuse_the_chunks_before_them(whisper, tmp_path, monkeypatch):
+    monkeypatch.setattr(W, "CHUNK", 1)
+    audio, captions = [FIXTURES / n for n in CLIPS], list(CLIPS.values())
+    W.cache_states(audio[:1], captions[:1], whisper, tmp_path)
+    encoded = []
+
+    class Counting:
+        workers = whisper.workers
+
+        def encode(self, clips):
+            encoded.extend(clips)
+            return whisper.encode(clips)
+
+    both = W.cache_states(audio, captions, Counting(), tmp_path)
+    assert len(encoded) == 1 and len(both.captions) == 2  # only the appended clip
+    W.cache_states(audio[:1], ["another caption"], Counting(), tmp_path)
+    assert len(encoded) == 2  # a chunk is named by its captions too
+
+
 def test_training_lowers_the_loss_and_the_adapter_names_ct2_weights(whisper, tmp_path):
     cache = W.cache_states([FIXTURES / n for n in CLIPS], list(CLIPS.values()), whisper, tmp_path)
     decoder = W.TorchDecoder(prepare_whisper() / "model.bin", rank=4)
