@@ -7,6 +7,7 @@ One encoder pass per clip serves both branches: `generate()` accepts the encoder
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -14,6 +15,7 @@ import os
 import re
 import shutil
 import stat
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -48,6 +50,8 @@ CAPTION_PROMPT = (
 NO_SPEECH_THRESHOLD = 0.6  # above this no-speech probability the transcript is dropped
 SILENCE_RMS = 1e-4  # a clip quieter than this is treated as silence without decoding
 MODEL_FILES = ("config.json", "tokenizer.json", "vocabulary.txt")
+ADAPTED_PREFIX = "whisper-base-ct2-"  # + an adapter's fingerprint: a merged copy (145 MB)
+UNUSED_DAYS = 30  # a merged copy no bundle has loaded for this long goes when another is made
 
 
 def cache_root() -> Path:
@@ -143,8 +147,10 @@ def prepare_whisper(
 def _adapted_whisper(base: Path, adapter: WhisperAdapter) -> Path:
     from engine.ct2 import read_array, read_index, write_patched
 
-    target = cache_root() / f"whisper-base-ct2-{adapter.fingerprint}"
+    target = cache_root() / f"{ADAPTED_PREFIX}{adapter.fingerprint}"
     if (target / "model.bin").exists():  # written atomically, so complete
+        with contextlib.suppress(OSError):  # a read-only cache still works
+            os.utime(target)  # last use, for `_prune_unused`
         return target
     log.info("merging the bundle's Whisper adapter into %s (once)", target)
     source = base / "model.bin"
@@ -162,7 +168,22 @@ def _adapted_whisper(base: Path, adapter: WhisperAdapter) -> Path:
     for name in MODEL_FILES:
         shutil.copyfile(base / name, target / name)
     write_patched(data, target / "model.bin", new, source=str(source))
+    _prune_unused(keep=target)
     return target
+
+
+def _prune_unused(*, keep: Path) -> None:
+    """Delete the merged copies (`ADAPTED_PREFIX` + fingerprint) other than `keep` that no
+    bundle has loaded for `UNUSED_DAYS`: every retrained adapter leaves one behind, and one
+    deleted too early is only merged again (~1.5 s)."""
+    cutoff = time.time() - UNUSED_DAYS * 86400
+    for folder in keep.parent.glob(f"{ADAPTED_PREFIX}*"):
+        if folder == keep or not re.fullmatch(r"[0-9a-f]{16}", folder.name[len(ADAPTED_PREFIX) :]):
+            continue
+        with contextlib.suppress(OSError):
+            if folder.stat().st_mtime < cutoff:
+                log.info("removing %s: no bundle used it for %d days", folder, UNUSED_DAYS)
+                shutil.rmtree(folder)
 
 
 def _joined_whisper() -> Path:

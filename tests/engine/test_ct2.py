@@ -1,6 +1,7 @@
 """CTranslate2 model files (engine.ct2) and the Whisper adapter's merge (engine.speech)."""
 
 import struct
+import time
 
 import numpy as np
 import pytest
@@ -144,6 +145,33 @@ def test_prepare_whisper_merges_the_adapter_once(monkeypatch, tmp_path, model_bi
     zero = prepare_whisper(adapter=_adapter(zero=True))
     assert (zero / "model.bin").read_bytes() == (base / "model.bin").read_bytes()
     assert prepare_whisper() == base
+
+
+def test_merged_copies_unused_for_long_are_removed_when_another_is_made(
+    monkeypatch, tmp_path, model_bin
+):
+    import os
+
+    import engine.speech as S
+
+    path, _ = model_bin
+    monkeypatch.setattr(S, "_joined_whisper", lambda: path.parent)
+    for name in S.MODEL_FILES:
+        (path.parent / name).write_text(name)
+    monkeypatch.setenv("XMODAL_CACHE", str(tmp_path / "cache"))
+    old, recent = (
+        prepare_whisper(adapter=_adapter(seed=1)),
+        prepare_whisper(adapter=_adapter(seed=2)),
+    )
+    other = tmp_path / "cache" / f"{S.ADAPTED_PREFIX}not-a-fingerprint"  # not ours: stays
+    other.mkdir()
+    long_ago = time.time() - (S.UNUSED_DAYS + 1) * 86400
+    for folder in (old, recent, other):
+        os.utime(folder, (long_ago, long_ago))
+    assert prepare_whisper(adapter=_adapter(seed=2)) == recent  # a use: recent is fresh again
+    new = prepare_whisper(adapter=_adapter(seed=3))
+    assert new.exists() and recent.exists() and other.exists()
+    assert not old.exists()
 
 
 def test_a_users_whisper_folder_is_used_as_it_is(tmp_path, caplog):
