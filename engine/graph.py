@@ -8,7 +8,12 @@ instead of 3.8 ms per sentence, EfficientNet-Lite0 7.7 instead of 13.0 ms per im
 
 Tracing costs ~0.1–0.3 s, so a graph is traced on a module's *second* call with a given input
 shape: a one-shot command (`xmodal search`) pays nothing, anything that encodes more gets the
-graph. Any failure to trace falls back to the eager module, logged once.
+graph. Any failure to trace falls back to the eager module, logged once. Each thread that runs
+a module gets its own trace (`InferenceGraph.graphs`): oneDNN's fused kernels must not run on
+two threads at once. That costs memory and a first compile per shape on each thread: 512
+captions and 64 images on two workers, the process grew to 1.6–1.7 GB instead of 1.4, and
+text, whose batch shapes were new, ran at 178–220 instead of 246–264 texts/s (one run each,
+an AMD EPYC VM; `/work/runs/s8/q/perthread_cost.py`); shapes seen before run at full speed.
 
 The graphs run through oneDNN Graph fusion (`torch.jit.enable_onednn_fusion`), which fuses and
 pre-packs convolutions and matmuls: EfficientNet-Lite0 at batch 1 on one thread 11.0 → 7.2 ms,
@@ -91,22 +96,36 @@ class InferenceGraph:
         self.key = key or (lambda *inputs: None)
         self.low_precision = low_precision
         self.lock = threading.Lock()
-        self.graphs: dict[Hashable, Any] = {}
         self.seen: set[Hashable] = set()
         self.broken = False
+        self._local = threading.local()  # each thread's own graphs: see `graphs`
+        self._generation = 0  # bumped to drop every thread's graphs
+
+    @property
+    def graphs(self) -> dict[Hashable, Any]:
+        """The calling thread's traced graphs, by key. Each thread traces its own: oneDNN
+        Graph's compiled partitions are not safe to run from two threads at once. Sharing one
+        graph between `engine.threads`' workers, MiniLM's ran one thread's batch of 22 texts
+        into the other's batch of 23 ("The size of tensor a (22) must match the size of tensor
+        b (23)"), or failed with "std::bad_alloc" or "partition compile failed"; with inputs
+        of one shape such a mix-up need not raise at all. A thread's graphs go when it ends."""
+        local = self._local
+        if getattr(local, "generation", None) != self._generation:
+            local.generation, local.graphs = self._generation, {}
+        return local.graphs
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         if self.broken or os.environ.get(ENV_SWITCH) == "1":
             return self.module(*inputs)
         k = self.key(*inputs)
-        graph = self.graphs.get(k)
+        graphs = self.graphs
+        graph = graphs.get(k)
         if graph is None:
-            with self.lock:  # callers on several threads (engine.threads) trace a key once
-                graph = self.graphs.get(k)
-                if graph is None and k in self.seen and not self.broken:
+            with self.lock:  # one trace at a time: tracing runs the shared module
+                if k in self.seen and not self.broken:
                     graph = self._trace(inputs)
                     if graph is not None:
-                        self.graphs[k] = graph
+                        graphs[k] = graph
                 self.seen.add(k)
         if graph is None:
             return self.module(*inputs)
@@ -121,14 +140,15 @@ class InferenceGraph:
             )
             with self.lock:
                 self.broken = True
-                self.graphs.clear()
+                self._generation += 1
             return out
 
     def reset(self) -> None:
-        """Forget every trace (the module's weights or structure changed)."""
-        self.graphs.clear()
-        self.seen.clear()
-        self.broken = False
+        """Forget every thread's traces (the module's weights or structure changed)."""
+        with self.lock:
+            self._generation += 1
+            self.seen.clear()
+            self.broken = False
 
     def _trace(self, inputs: tuple[torch.Tensor, ...]) -> Any:
         bf16 = self.low_precision and bf16_graphs()  # a bad XMODAL_PRECISION raises here

@@ -161,3 +161,52 @@ def test_bfloat16_graphs_stay_close_to_float32(monkeypatch):
         assert torch.equal(module.graph(x), x * 2)  # 1.5 and 2 are exact in bfloat16
     (graph,) = module.graph.graphs.values()
     assert graph.original_name == "_Bfloat16" and module.w.dtype == torch.float32
+
+
+def test_each_thread_runs_its_own_graph():
+    """oneDNN's fused kernels are not safe to run from two threads at once: each thread that
+    calls the module traces its own graph; `reset` drops them all."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    graph = InferenceGraph(_Scale())
+    x = torch.ones(3)
+    with torch.inference_mode():
+        graph(x)
+        graph(x)
+        mine = graph.graphs[None]
+
+        def other_thread() -> object:
+            assert torch.equal(graph(x), x * 2)
+            return graph.graphs[None]
+
+        with ThreadPoolExecutor(1) as pool:
+            theirs = pool.submit(other_thread).result()
+        assert theirs is not mine and graph.graphs[None] is mine
+        graph.reset()
+        assert not graph.graphs
+
+
+def test_text_tower_side_by_side_batches_of_other_sizes_match_eager(monkeypatch):
+    """Two workers (`engine.threads`), each with its own graph, run MiniLM side by side on
+    batches of other sizes and lengths: the vectors are the eager ones and nothing falls back.
+    (The shared graph's failure, one worker's batch of 22 running into the other's 23, came
+    with FSDD's transcripts; these texts do not reproduce it.)"""
+    monkeypatch.delenv(ENV_SWITCH, raising=False)
+    monkeypatch.setenv(PRECISION_ENV, "fp32")
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        tower = MiniLMTower()
+        words = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+        mixed = [f"A {w}." for w in words] + [f"{w}" for w in words] + ["A deer on a rock."]
+        mixed = (mixed * 3)[:48]
+        short = words + words[:5] + [f"{w}." for w in words * 3][:29] + ["A man in a red shirt"]
+        calls = [words] + [mixed] * 3 + [short] * 6
+        for texts in calls:
+            with torch.inference_mode():
+                eager = tower.forward_tokens(tower.tokenize(texts))  # padded like the graph's
+            eager = torch.nn.functional.normalize(eager, dim=-1).numpy()
+            np.testing.assert_allclose(tower.encode(texts), eager, atol=1e-4)
+            assert not tower.graph.broken
+    finally:
+        torch.set_num_threads(torch_threads)

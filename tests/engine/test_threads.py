@@ -61,7 +61,9 @@ def test_one_thread_each_spreads_items_over_workers_in_order(two_threads):
     assert torch.get_num_threads() == 2
 
 
-def test_a_graph_called_from_workers_is_traced_once(two_threads, monkeypatch):
+def test_a_graph_called_from_workers_is_traced_once_per_worker(two_threads, monkeypatch):
+    """Each worker traces its own graph (oneDNN's fused kernels are not safe to share between
+    threads running at once), once, however many items it runs."""
     from engine.graph import ENV_SWITCH, InferenceGraph
 
     monkeypatch.delenv(ENV_SWITCH, raising=False)
@@ -79,7 +81,8 @@ def test_a_graph_called_from_workers_is_traced_once(two_threads, monkeypatch):
         expected = [graph.module(x) for x in xs]
     for got, want in zip(one_thread_each(call, xs), expected, strict=True):
         torch.testing.assert_close(got, want)
-    assert traced == [1] and len(graph.graphs) == 1 and not graph.broken
+    assert 1 <= len(traced) <= 2 and not graph.broken  # two workers, one trace each at most
+    assert not graph.graphs  # the calling thread ran nothing itself
 
 
 def test_the_model_embeds_a_single_text_on_one_thread(two_threads, monkeypatch):
