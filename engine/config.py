@@ -16,6 +16,7 @@ CONFIG_FILE = "config.json"
 TEXT_TOWERS = ("minilm", "e5")
 IMAGE_BACKBONES = ("efficientnet-lite0",)
 SPEECH_BRANCHES = ("cascaded", "parallel", "fused")
+WEIGHTINGS = ("uniform", "posterior")  # of the n-best transcripts in the cascaded vector
 MAX_IMAGE_HEADS = 16
 
 
@@ -74,6 +75,9 @@ class SpeechTowerConfig:
     head: SpeechHeadConfig | None = None  # the parallel branch; None means cascaded only
     beam_size: int = 5  # Whisper beam search width for transcripts (1 = greedy, fastest)
     hypotheses: int = 1  # Whisper's n-best transcripts averaged into the cascaded vector
+    # how the n-best are weighted: "uniform" (a plain mean) or "posterior" (Whisper's probability
+    # of each transcript, renormalized over the n-best)
+    weighting: str = "uniform"
     prompt: str = ""  # text Whisper reads as what came before each clip ("" = none)
     adapter: bool = False  # the bundle carries a low-rank update of Whisper's decoder
 
@@ -122,6 +126,11 @@ class ModelConfig:
             raise ModelError(
                 f"speech.hypotheses must be 1..beam_size ({self.speech.beam_size}), "
                 f"not {self.speech.hypotheses}"
+            )
+        if self.speech.weighting not in WEIGHTINGS:
+            raise ModelError(
+                f"speech.weighting must be one of {', '.join(WEIGHTINGS)}, "
+                f"not {self.speech.weighting!r}"
             )
         if not isinstance(self.speech.prompt, str):
             raise ModelError(f"speech.prompt must be text, not {self.speech.prompt!r}")

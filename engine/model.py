@@ -246,35 +246,39 @@ class AlignedModel:
             batch = windows[start : start + SPEECH_BATCH]
             enc = self.whisper.encode(batch)
             heard = self.hypotheses(enc) if transcribe else [[] for _ in batch]
-            texts += [h[0] if h else "" for h in heard]
+            texts += [h[0][0] if h else "" for h in heard]
             rows = slice(start, start + len(batch))
             vecs[rows] = self.combine_speech(heard, enc.states, enc.lengths, branch)
         return vecs, texts
 
-    def hypotheses(self, encoded) -> list[list[str]]:
-        """Transcripts of `Whisper.encode` output with this bundle's beam size: its n-best
-        (`speech.hypotheses`), most likely first; an empty list where no speech was heard."""
+    def hypotheses(self, encoded) -> list[list[tuple[str, float]]]:
+        """(transcript, log-probability) pairs of `Whisper.encode` output with this bundle's
+        beam size: its n-best (`speech.hypotheses`), most likely first; an empty list where no
+        speech was heard."""
         speech = self.config.speech
-        return self.whisper.hypotheses(
+        return self.whisper.scored_hypotheses(
             encoded, beam_size=speech.beam_size, count=speech.hypotheses, context=speech.prompt
         )
 
     def combine_speech(
         self,
-        hypotheses: Sequence[Sequence[str]],
+        hypotheses: Sequence[Sequence[tuple[str, float]]],
         states: np.ndarray | None,
         lengths: np.ndarray | None,
         branch: str,
     ) -> np.ndarray:
-        """One branch's `(n, dim)` speech vectors from each clip's transcripts (`hypotheses`)
-        and encoder states. The cascaded vector is the mean of the transcripts' text vectors,
-        renormalized: averaging Whisper's n-best softens a misheard word."""
+        """One branch's `(n, dim)` speech vectors from each clip's scored transcripts
+        (`hypotheses`) and encoder states. The cascaded vector is the weighted mean of the
+        transcripts' text vectors, renormalized: averaging Whisper's n-best softens a misheard
+        word. `speech.weighting` "posterior" weighs each transcript by its probability,
+        renormalized over the n-best, so a confident transcript is barely diluted."""
         cascaded = np.zeros((len(hypotheses), self.dim), dtype=np.float32)
-        heard = [[t for t in h if t.strip()] for h in hypotheses]
-        flat = [t for h in heard for t in h]
+        heard = [[(t, s) for t, s in h if t.strip()] for h in hypotheses]
+        flat = [t for h in heard for t, _ in h]
         if flat:
             owner = np.repeat(np.arange(len(heard)), [len(h) for h in heard])
-            np.add.at(cascaded, owner, self._text_vectors(flat))
+            weights = np.concatenate([self._nbest_weights([s for _, s in h]) for h in heard if h])
+            np.add.at(cascaded, owner, weights[:, None] * self._text_vectors(flat))
         cascaded = l2_normalize(cascaded)
         if branch == "cascaded":
             return cascaded
@@ -285,6 +289,14 @@ class AlignedModel:
         # Without a transcript the fused vector is the parallel one alone.
         weight = np.where(np.linalg.norm(cascaded, axis=1, keepdims=True) > 0, w, 1.0)
         return l2_normalize(weight * parallel + (1.0 - weight) * cascaded)
+
+    def _nbest_weights(self, logprobs: Sequence[float]) -> np.ndarray:
+        """Weights of one clip's n-best transcripts (`speech.weighting`), float32, summing to 1."""
+        if self.config.speech.weighting == "uniform":
+            return np.full(len(logprobs), 1.0 / len(logprobs), dtype=np.float32)
+        x = np.asarray(logprobs, dtype=np.float64)
+        w = np.exp(x - x.max())
+        return (w / w.sum()).astype(np.float32)
 
     def hub_penalty(self, vectors: np.ndarray, modality: str) -> np.ndarray | None:
         """`(n, 2)` float32 to subtract from the cosines of candidates of `modality` (column 0

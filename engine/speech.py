@@ -320,6 +320,21 @@ class Whisper:
     ) -> list[list[str]]:
         """Up to `count` transcripts per clip, the most likely first (beam search's n-best,
         `count` ≤ `beam_size`); an empty list for silence and clips Whisper hears no speech in.
+        `scored_hypotheses` has the same arguments and gives each transcript its score."""
+        return [
+            [text for text, _ in heard]
+            for heard in self.scored_hypotheses(
+                encoded, beam_size=beam_size, count=count, context=context
+            )
+        ]
+
+    def scored_hypotheses(
+        self, encoded: EncodedSpeech, *, beam_size: int = 1, count: int = 1, context: str = ""
+    ) -> list[list[tuple[str, float]]]:
+        """Up to `count` (transcript, score) pairs per clip, the most likely first (beam
+        search's n-best, `count` ≤ `beam_size`); an empty list for silence and clips Whisper
+        hears no speech in. The score is the transcript's log-probability given the clip (≤ 0); the
+        order is beam search's, by log-probability per token.
 
         `context` is given to Whisper as the text said before the clip (e.g. `CAPTION_PROMPT`;
         its last `MAX_CONTEXT_TOKENS` tokens): it steers spelling and vocabulary. Whisper then
@@ -343,7 +358,7 @@ class Whisper:
             for r, silent, g in zip(results, encoded.silent, gate, strict=True)
         ]
         echoes = set(_sentences(context))
-        again = [i for i in range(n) if any(_echoes(t, echoes) for t in out[i])]
+        again = [i for i in range(n) if any(_echoes(t, echoes) for t, _ in out[i])]
         if again:
             sub = EncodedSpeech(
                 states=encoded.states[again], lengths=encoded.lengths[again],
@@ -375,6 +390,7 @@ class Whisper:
                 num_hypotheses=count,
                 max_length=max_length,
                 return_no_speech_prob=True,
+                return_scores=True,
                 suppress_blank=True,
             )
 
@@ -388,11 +404,17 @@ class Whisper:
             return [fn(r) for r in rows]
         return list(self._pool.map(fn, rows))
 
-    def _texts(self, result, silent: bool, no_speech: float) -> list[str]:
+    def _texts(self, result, silent: bool, no_speech: float) -> list[tuple[str, float]]:
         if silent or no_speech > NO_SPEECH_THRESHOLD:
             return []
-        texts = (self.tokenizer.decode(ids).strip() for ids in result.sequences_ids)
-        return [t for t in texts if t]
+        # CTranslate2's score is the log-probability per token (`length_penalty` 1): times the
+        # token count, it is the transcript's log-probability (what `length_penalty` 0 returns).
+        out = []
+        for ids, score in zip(result.sequences_ids, result.scores, strict=True):
+            text = self.tokenizer.decode(ids).strip()
+            if text:
+                out.append((text, float(score) * len(ids)))
+        return out
 
 
 def decoder_prompt(tokenizer, context: str = "") -> list[int]:

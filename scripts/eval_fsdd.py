@@ -48,7 +48,7 @@ def main() -> None:
         enc = model.whisper.encode(batch)
         enc_all.append((model.hypotheses(enc), enc))
     print(f"{len(files)} recordings of {sorted(speakers)}, model {args.model}")
-    heard = [h[0] if h else "" for hyps, _ in enc_all for h in hyps]
+    heard = [h[0][0] if h else "" for hyps, _ in enc_all for h in hyps]
     asr = np.mean([transcript_names_digit(t, d) for t, d in zip(heard, digits, strict=True)])
     print(f"transcript names the digit: {100 * asr:.1f} %")
     branches = ("cascaded", "parallel", "fused") if "speech" in model.heads else ("cascaded",)

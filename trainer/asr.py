@@ -60,7 +60,7 @@ def asr_captions(manifest: str | Path, out: str | Path, *, model: str = "default
                 unheard += 1
                 continue
             rows.append(
-                ManifestRow(line=row.line, image=row.image, caption=hyps[0], audio=row.audio)
+                ManifestRow(line=row.line, image=row.image, caption=hyps[0][0], audio=row.audio)
             )
     write_manifest(rows, out)
     return AsrReport(manifest=Path(out), rows=len(rows), unheard=unheard, failed=failed)

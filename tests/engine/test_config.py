@@ -32,6 +32,7 @@ def test_round_trip(tmp_path):
         ({"speech": {"branch": "psychic"}}, "unknown speech branch"),
         ({"speech": {"beam_size": 0}}, "beam_size"),
         ({"speech": {"beam_size": 2, "hypotheses": 3}}, "hypotheses must be 1..beam_size"),
+        ({"speech": {"weighting": "loudest"}}, "speech.weighting must be one of"),
         ({"version": 99}, "not supported"),
         ({"image": {"head": {"in_dim": 3}}}, "malformed"),
         ({"image": {"heads": 0}}, "image.heads must be 1..16"),

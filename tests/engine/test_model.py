@@ -137,13 +137,13 @@ def test_speech_transcript_and_branches(model):
 
 def test_transcripts_use_the_bundles_beam_size(model, monkeypatch):
     seen = []
-    real = model.whisper.hypotheses
+    real = model.whisper.scored_hypotheses
 
     def spy(encoded, *, beam_size=1, count=1, context=""):
         seen.append((beam_size, count, context))
         return real(encoded, beam_size=beam_size, count=count, context=context)
 
-    monkeypatch.setattr(model.whisper, "hypotheses", spy)
+    monkeypatch.setattr(model.whisper, "scored_hypotheses", spy)
     clip = load_audio(FIXTURES / "dog_on_beach.wav")
     assert "dog" in model.embed_speech([clip], branch="cascaded").transcripts[0].lower()
     speech = model.config.speech
@@ -228,14 +228,39 @@ def test_cascaded_vector_averages_the_n_best(bundle, model, tmp_path):
     nbest = AlignedModel(cfg, model.heads, fingerprint="x")
     nbest.whisper = model.whisper  # share the loaded Whisper
     clip = load_audio(FIXTURES / "dog_on_beach.wav")
-    hyps = nbest.hypotheses(nbest.whisper.encode([clip]))[0]
+    scored = nbest.hypotheses(nbest.whisper.encode([clip]))[0]
+    hyps, logprobs = [t for t, _ in scored], [s for _, s in scored]
     assert 1 < len(hyps) <= 3 and len(set(hyps)) == len(hyps)
+    assert all(s < 0 for s in logprobs)
     assert hyps[0] == model.whisper.transcribe(nbest.whisper.encode([clip]), beam_size=5)[0]
     out = nbest.embed_speech([clip], branch="cascaded")
     assert out.transcripts == [hyps[0]]  # what users see is the most likely transcript
     mean = nbest.embed_text(hyps).sum(axis=0, keepdims=True)
     np.testing.assert_allclose(out.vectors, mean / np.linalg.norm(mean), atol=1e-5)
     assert not np.allclose(out.vectors, nbest.embed_text(hyps[:1]), atol=1e-4)
+
+
+def test_posterior_weighting_favours_the_likely_transcript(bundle, model):
+    import dataclasses
+
+    cfg = ModelConfig.load(bundle)
+    posterior = AlignedModel(
+        dataclasses.replace(cfg, speech=dataclasses.replace(cfg.speech, weighting="posterior")),
+        model.heads, fingerprint="x",
+    )  # fmt: skip
+    texts = ["a dog runs on the beach", "a dock runs on the bench"]
+    vecs = model.embed_text(texts)
+    heard = [[(texts[0], -0.5), (texts[1], -4.0)], [(texts[0], -2.0), (texts[1], -2.0)], []]
+    out = posterior.combine_speech(heard, None, None, "cascaded")
+    w = np.exp([-0.5, -4.0]) / np.exp([-0.5, -4.0]).sum()  # 0.971, 0.029
+    expected = w @ vecs
+    np.testing.assert_allclose(out[0], expected / np.linalg.norm(expected), atol=1e-5)
+    uniform = model.combine_speech(heard, None, None, "cascaded")
+    mean = vecs.mean(axis=0)
+    np.testing.assert_allclose(uniform[0], mean / np.linalg.norm(mean), atol=1e-5)
+    assert out[0] @ vecs[0] > uniform[0] @ vecs[0] + 0.01
+    np.testing.assert_allclose(out[1], uniform[1], atol=1e-5)  # equally likely: a plain mean
+    assert not out[2].any() and not uniform[2].any()  # nothing heard: a zero vector
 
 
 def test_silent_and_tiny_clips_are_finite(model):

@@ -347,10 +347,10 @@ class SharedEncoderStub(StubEmbedder):
         self.whisper = self._Whisper(self.calls)
 
     def hypotheses(self, encoded):
-        return [["red" if n == CLIP_SAMPLES["red"] else "green"] for n in encoded.states]
+        return [[("red" if n == CLIP_SAMPLES["red"] else "green", -0.5)] for n in encoded.states]
 
     def combine_speech(self, hypotheses, states, lengths, branch):
-        cascaded = self.embed_text([h[0] for h in hypotheses])
+        cascaded = self.embed_text([h[0][0] for h in hypotheses])
         return cascaded if branch == "cascaded" else 2.0 * cascaded[:, ::-1]
 
 
