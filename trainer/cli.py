@@ -430,9 +430,16 @@ def asr_captions(manifest: Path, out: Path, model: str) -> None:
 )
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, help="Clips per step.")
 @click.option("--seed", type=int, default=0, help="Seeds the factors' start and the batches.")
+@click.option(
+    "--kl-weight",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    help="Weight of a KL term that keeps the next-token distributions near the packaged "
+    "decoder's (0: none).",
+)
 def tune_whisper(
     bundle: Path, manifest: Path, cache_dir: Path | None, rank: int, epochs: float, lr: float,
-    batch_size: int, seed: int,
+    batch_size: int, seed: int, kl_weight: float,
 ) -> None:  # fmt: skip
     """Tune Whisper's decoder to MANIFEST's voiced captions (`xmodal speech-corpus`) and give
     the model BUNDLE the result, a low-rank adapter, for the cascaded speech branch.
@@ -446,7 +453,9 @@ def tune_whisper(
     from trainer.whisper_tune import TuneConfig
     from trainer.whisper_tune import tune_whisper as run
 
-    cfg = TuneConfig(rank=rank, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
+    cfg = TuneConfig(
+        rank=rank, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, kl_weight=kl_weight
+    )
     cache = cache_dir or cache_root() / "features"
     report = run(bundle, manifest, cache_dir=cache, cfg=cfg, progress=True)
     first, last = report.losses[0], sum(report.losses[-20:]) / len(report.losses[-20:])

@@ -17,13 +17,14 @@ joined `model.bin`: its greedy transcripts match CTranslate2's (tests/trainer).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
 import math
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +67,10 @@ class TuneConfig:
     batch_size: int = 16
     context_share: float = 0.8  # steps that read the prompt as the previous text
     seed: int = 0
+    # weight of KL(packaged ‖ adapted) over the next-token distributions from the
+    # start-of-transcript token on (its no-speech probability included): keeps the decoder near
+    # the packaged one where the captions do not pull it away (0: cross-entropy alone)
+    kl_weight: float = 0.0
 
 
 class LoRALinear(nn.Module):
@@ -83,10 +88,11 @@ class LoRALinear(nn.Module):
         self.rank, self.scale = rank, alpha / max(rank, 1)
         self.A = nn.Parameter(torch.randn(rank, in_dim) / math.sqrt(in_dim))
         self.B = nn.Parameter(torch.zeros(out_dim, rank))
+        self.enabled = True  # False: the frozen layer alone (`TorchDecoder.packaged`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
-        if self.rank:
+        if self.rank and self.enabled:
             y = y + F.linear(F.linear(x, self.A), self.B) * self.scale
         return y
 
@@ -176,6 +182,18 @@ class TorchDecoder(nn.Module):
     def forward(self, tokens: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         """Next-token logits `(n, t, vocabulary)`."""
         return self.hidden(tokens, states) @ self.embeddings.T
+
+    @contextlib.contextmanager
+    def packaged(self) -> Iterator[None]:
+        """Run the packaged decoder inside: every update switched off."""
+        lins = [lin for block in self.blocks for lin in block.linears.values()]
+        for lin in lins:
+            lin.enabled = False
+        try:
+            yield
+        finally:
+            for lin in lins:
+                lin.enabled = True
 
     def adapter(self) -> WhisperAdapter:
         """The trained updates, by CTranslate2 variable name."""
@@ -280,7 +298,9 @@ def train_adapter(
     progress: bool = False,
 ) -> list[float]:
     """Train `decoder`'s LoRA factors on `cache` (teacher forcing, cross-entropy on the
-    transcript tokens and the end token); returns the loss of every step."""
+    transcript tokens and the end token, plus `cfg.kl_weight` times the mean KL divergence of
+    the adapted next-token distributions from the packaged decoder's, at every position from
+    the start-of-transcript token on); returns the loss of every step."""
     from tqdm import tqdm
 
     torch.manual_seed(cfg.seed)
@@ -308,18 +328,29 @@ def train_adapter(
         if len(order) < cfg.batch_size:
             order = rng.sample(range(len(targets)), len(targets))
         batch = [order.pop() for _ in range(min(cfg.batch_size, len(order)))]
-        seqs, labels = [], []
+        seqs, labels, starts = [], [], []
         for i in batch:
             with_context = context.strip() and rng.random() < cfg.context_share
             prefix = prompted if with_context else plain
             seqs.append(prefix + targets[i][:-1])
             labels.append([-100] * (len(prefix) - 1) + targets[i])
+            starts.append(len(prefix) - len(plain))  # the start-of-transcript token
         width = max(map(len, seqs))
         tokens = torch.tensor([s + [end] * (width - len(s)) for s in seqs])
         label = torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels])
         states = torch.from_numpy(cache.states[batch].astype(np.float32))
-        hidden = decoder.hidden(tokens, states)[label != -100]
-        loss = F.cross_entropy(hidden @ decoder.embeddings.T, label[label != -100])
+        hidden = decoder.hidden(tokens, states)
+        loss = F.cross_entropy(hidden[label != -100] @ decoder.embeddings.T, label[label != -100])
+        if cfg.kl_weight:
+            span = torch.arange(width)
+            keep = torch.stack(
+                [(span >= a) & (span < len(s)) for a, s in zip(starts, seqs, strict=True)]
+            )
+            with torch.no_grad(), decoder.packaged():
+                packaged = F.log_softmax(decoder(tokens, states)[keep], dim=-1)
+            adapted = F.log_softmax(hidden[keep] @ decoder.embeddings.T, dim=-1)
+            kl = F.kl_div(adapted, packaged, log_target=True, reduction="batchmean")
+            loss = loss + cfg.kl_weight * kl
         opt.zero_grad()
         loss.backward()
         opt.step()

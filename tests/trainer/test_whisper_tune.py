@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from click.testing import CliRunner
 
 from engine.config import ModelConfig, SpeechTowerConfig
@@ -130,6 +131,26 @@ def test_training_lowers_the_loss_and_the_adapter_names_ct2_weights(whisper, tmp
     trained = decoder.adapter()
     a, b = trained.factors["decoder/layer_5/ffn/linear_1/weight"]
     assert a.shape == (4, 2048) and b.shape == (512, 4) and np.abs(b).max() > 0
+
+
+def test_kl_weight_keeps_the_adapted_decoder_near_the_packaged_one(whisper, tmp_path):
+    cache = W.cache_states([FIXTURES / n for n in CLIPS], list(CLIPS.values()), whisper, tmp_path)
+    tokens = torch.tensor([[whisper.tokenizer.token_to_id(t) for t in PROMPT]])
+    states = torch.from_numpy(cache.states[:1].astype(np.float32))
+
+    def drift(kl_weight: float) -> float:
+        decoder = W.TorchDecoder(prepare_whisper() / "model.bin", rank=4)
+        cfg = W.TuneConfig(rank=4, epochs=8, lr=2e-3, batch_size=2, kl_weight=kl_weight)
+        losses = W.train_adapter(decoder, cache, whisper.tokenizer, context="", cfg=cfg)
+        assert np.isfinite(losses).all()
+        with torch.inference_mode():
+            adapted = F.log_softmax(decoder(tokens, states), dim=-1)
+            with decoder.packaged():
+                packaged = F.log_softmax(decoder(tokens, states), dim=-1)
+            assert not torch.equal(adapted, packaged)  # switched off inside, on again after
+        return float((packaged.exp() * (packaged - adapted)).sum(-1).mean())
+
+    assert drift(20.0) < 0.5 * drift(0.0)
 
 
 def test_tune_whisper_writes_an_adapter_the_engine_uses(voiced, tmp_path, monkeypatch):
