@@ -240,6 +240,26 @@ def test_cascaded_vector_averages_the_n_best(bundle, model, tmp_path):
     assert not np.allclose(out.vectors, nbest.embed_text(hyps[:1]), atol=1e-4)
 
 
+def test_transcript_scores_are_log_probabilities(model):
+    import ctranslate2
+
+    whisper = model.whisper
+    enc = whisper.encode([load_audio(FIXTURES / "dog_on_beach.wav")])
+    scored = whisper.scored_hypotheses(enc, beam_size=5, count=3)[0]
+    # CTranslate2 without length normalization scores a sequence by its summed log-probability
+    total = whisper.model.generate(
+        ctranslate2.StorageView.from_array(np.ascontiguousarray(enc.states)),
+        [whisper.prompt], beam_size=5, num_hypotheses=5, length_penalty=0, return_scores=True,
+    )[0]  # fmt: skip
+    summed = {
+        whisper.tokenizer.decode(ids).strip(): score
+        for ids, score in zip(total.sequences_ids, total.scores, strict=True)
+    }
+    ours = [s for t, s in scored if t in summed]
+    assert ours and len(scored) == 3
+    np.testing.assert_allclose(ours, [summed[t] for t, _ in scored if t in summed], rtol=1e-4)
+
+
 def test_posterior_weighting_favours_the_likely_transcript(bundle, model):
     import dataclasses
 
