@@ -245,13 +245,13 @@ class AlignedModel:
         for start in range(0, len(windows), SPEECH_BATCH):
             batch = windows[start : start + SPEECH_BATCH]
             enc = self.whisper.encode(batch)
-            heard = self.hypotheses(enc) if transcribe else [[] for _ in batch]
+            heard = self.scored_hypotheses(enc) if transcribe else [[] for _ in batch]
             texts += [h[0][0] if h else "" for h in heard]
             rows = slice(start, start + len(batch))
             vecs[rows] = self.combine_speech(heard, enc.states, enc.lengths, branch)
         return vecs, texts
 
-    def hypotheses(self, encoded) -> list[list[tuple[str, float]]]:
+    def scored_hypotheses(self, encoded) -> list[list[tuple[str, float]]]:
         """(transcript, log-probability) pairs of `Whisper.encode` output with this bundle's
         beam size: its n-best (`speech.hypotheses`), most likely first; an empty list where no
         speech was heard."""

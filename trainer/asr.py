@@ -54,7 +54,7 @@ def asr_captions(manifest: str | Path, out: str | Path, *, model: str = "default
                 failed += 1
         if not clips:
             continue
-        heard = aligned.hypotheses(aligned.whisper.encode(clips))
+        heard = aligned.scored_hypotheses(aligned.whisper.encode(clips))
         for row, hyps in zip(batch, heard, strict=True):
             if not hyps:
                 unheard += 1

@@ -386,23 +386,23 @@ def embed_audio_branches(
 ) -> dict[str, np.ndarray]:
     """`{branch: (n, d)}` speech vectors of audio files for each named speech branch.
 
-    For a model with a Whisper tower, `hypotheses` and `combine_speech` (`AlignedModel`), each
-    batch is decoded and encoded once and every branch is combined from the same states and
-    transcripts; a batch with a clip over Whisper's 30 s window, or another embedder, goes
-    through `embed_speech(clips, branch=...)` once per branch.
+    For a model with a Whisper tower, `scored_hypotheses` and `combine_speech`
+    (`AlignedModel`), each batch is decoded and encoded once and every branch is combined from
+    the same states and transcripts; a batch with a clip over Whisper's 30 s window, or another
+    embedder, goes through `embed_speech(clips, branch=...)` once per branch.
     """
     from engine.media import SAMPLE_RATE, load_audio
 
     if not paths or not branches:
         return {b: np.zeros((len(paths), embedder.dim), dtype=np.float32) for b in branches}
     window = 30 * SAMPLE_RATE  # Whisper's context, samples
-    shared = all(hasattr(embedder, a) for a in ("whisper", "hypotheses", "combine_speech"))
+    shared = all(hasattr(embedder, a) for a in ("whisper", "scored_hypotheses", "combine_speech"))
 
     def embed(batch: Sequence[Path]) -> np.ndarray:
         clips = [load_audio(p) for p in batch]
         if shared and all(len(c) <= window for c in clips):
             encoded = embedder.whisper.encode(clips)
-            heard = embedder.hypotheses(encoded)
+            heard = embedder.scored_hypotheses(encoded)
             parts = [
                 embedder.combine_speech(heard, encoded.states, encoded.lengths, b) for b in branches
             ]

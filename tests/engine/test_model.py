@@ -228,7 +228,7 @@ def test_cascaded_vector_averages_the_n_best(bundle, model, tmp_path):
     nbest = AlignedModel(cfg, model.heads, fingerprint="x")
     nbest.whisper = model.whisper  # share the loaded Whisper
     clip = load_audio(FIXTURES / "dog_on_beach.wav")
-    scored = nbest.hypotheses(nbest.whisper.encode([clip]))[0]
+    scored = nbest.scored_hypotheses(nbest.whisper.encode([clip]))[0]
     hyps, logprobs = [t for t, _ in scored], [s for _, s in scored]
     assert 1 < len(hyps) <= 3 and len(set(hyps)) == len(hyps)
     assert all(s < 0 for s in logprobs)

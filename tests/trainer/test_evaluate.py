@@ -346,7 +346,7 @@ class SharedEncoderStub(StubEmbedder):
         super().__init__()
         self.whisper = self._Whisper(self.calls)
 
-    def hypotheses(self, encoded):
+    def scored_hypotheses(self, encoded):
         return [[("red" if n == CLIP_SAMPLES["red"] else "green", -0.5)] for n in encoded.states]
 
     def combine_speech(self, hypotheses, states, lengths, branch):
