@@ -407,7 +407,7 @@ def asr_captions(manifest: Path, out: Path, model: str) -> None:
 
 @click.command("tune-whisper", context_settings=SETTINGS)
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.argument("manifest", type=MANIFEST)
+@click.argument("manifest", type=MANIFEST, nargs=-1, required=True)
 @click.option(
     "--cache-dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -438,11 +438,12 @@ def asr_captions(manifest: Path, out: Path, model: str) -> None:
     "decoder's (0: none).",
 )
 def tune_whisper(
-    bundle: Path, manifest: Path, cache_dir: Path | None, rank: int, epochs: float, lr: float,
-    batch_size: int, seed: int, kl_weight: float,
+    bundle: Path, manifest: tuple[Path, ...], cache_dir: Path | None, rank: int, epochs: float,
+    lr: float, batch_size: int, seed: int, kl_weight: float,
 ) -> None:  # fmt: skip
-    """Tune Whisper's decoder to MANIFEST's voiced captions (`xmodal speech-corpus`) and give
-    the model BUNDLE the result, a low-rank adapter, for the cascaded speech branch.
+    """Tune Whisper's decoder to the voiced captions of each MANIFEST (`xmodal speech-corpus`;
+    several are read in turn) and give the model BUNDLE the result, a low-rank adapter, for the
+    cascaded speech branch.
 
     Whisper base mishears the TTS voices that speech may be trained on; the adapter learns
     them. Use training captions only. The bundle is changed in place (its heads are not):

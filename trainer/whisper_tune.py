@@ -381,23 +381,26 @@ class TuneReport:
 
 def tune_whisper(
     bundle: Path,
-    manifest: Path,
+    manifests: Path | Sequence[Path],
     *,
     cache_dir: Path,
     cfg: TuneConfig = TuneConfig(),
     progress: bool = False,
 ) -> TuneReport:
-    """Train a Whisper adapter on the voiced captions of `manifest` (rows with `audio`) and
-    write it into `bundle` (config `speech.adapter`, `whisper_adapter.safetensors`). The
-    adapter starts from the packaged weights, whatever the bundle had."""
+    """Train a Whisper adapter on the voiced captions of `manifests` (rows with `audio`, in
+    the order given) and write it into `bundle` (config `speech.adapter`,
+    `whisper_adapter.safetensors`). The adapter starts from the packaged weights, whatever the
+    bundle had."""
     from engine.model import load_model
     from engine.speech import Whisper, prepare_whisper
     from trainer.manifest import read_manifest
 
     model = load_model(bundle)
-    rows = [r for r in read_manifest(manifest).rows if r.audio is not None]
+    manifests = [manifests] if isinstance(manifests, str | Path) else list(manifests)
+    rows = [r for m in manifests for r in read_manifest(m).rows if r.audio is not None]
     if not rows:
-        raise XmodalError(f"{manifest}: no rows with audio to tune Whisper on")
+        names = ", ".join(str(m) for m in manifests)
+        raise XmodalError(f"{names}: no rows with audio to tune Whisper on")
     whisper = Whisper()  # the packaged weights: states are what the adapter's decoder reads
     cache = cache_states(
         [r.audio for r in rows], [r.caption for r in rows], whisper, cache_dir, progress=progress

@@ -166,10 +166,16 @@ def test_tune_whisper_writes_an_adapter_the_engine_uses(voiced, tmp_path, monkey
     bundle = tmp_path / "bundle"
     AlignedModel(cfg, build_heads(cfg), fingerprint="x").save(bundle)
     before = load_model(bundle).fingerprint
-    args = [str(bundle), str(voiced), "--cache-dir", str(tmp_path / "c"), "--rank", "2"]
-    result = CliRunner().invoke(command, args + ["--epochs", "2", "--batch-size", "2"])
+    short = tmp_path / "short"  # a second manifest, elsewhere: its rows are added
+    short.mkdir()
+    shutil.copy(FIXTURES / "dog_on_beach.wav", short / "dog.wav")
+    (short / "short.tsv").write_text("image\tcaption\taudio\n../photo.png\tA brown dog.\tdog.wav\n")
+    args = [str(bundle), str(voiced), str(short / "short.tsv"), "--cache-dir", str(tmp_path / "c")]
+    result = CliRunner().invoke(
+        command, args + ["--rank", "2", "--epochs", "2", "--batch-size", "2"]
+    )
     assert result.exit_code == 0, result.output
-    assert "2 clips" in result.output
+    assert "3 clips" in result.output
     model = load_model(bundle)
     assert model.config.speech.adapter and model.fingerprint != before
     assert len(model.whisper_adapter.factors) == W.LAYERS * len(W.LINEARS)
