@@ -84,6 +84,24 @@ class WhisperAdapter:
         a, b = self.factors[name]
         return weight.astype(np.float32) + b.astype(np.float32) @ a.astype(np.float32)
 
+    @classmethod
+    def mean(cls, adapters: Sequence[WhisperAdapter]) -> WhisperAdapter:
+        """The adapter whose update is the mean of `adapters`' updates (a uniform "soup" of
+        fine-tunes of the same packaged weights), exactly: the factors stacked, rank the sum
+        of theirs, each `B` divided by their number."""
+        if not adapters or any(set(a.factors) != set(adapters[0].factors) for a in adapters):
+            raise ModelError("adapters to average must update the same weights")
+        share = np.float32(1.0 / len(adapters))
+        return cls(
+            {
+                name: (
+                    np.concatenate([a.factors[name][0] for a in adapters]),
+                    np.concatenate([a.factors[name][1] * share for a in adapters], axis=1),
+                )
+                for name in adapters[0].factors
+            }
+        )
+
     def save(self, bundle_dir: Path) -> None:
         from safetensors.numpy import save_file
 

@@ -110,6 +110,26 @@ def test_adapter_round_trip_and_fingerprint(tmp_path):
     assert _adapter().fingerprint == adapter.fingerprint
 
 
+def test_mean_of_adapters_is_the_mean_update(tmp_path):
+    name = "decoder/layer_0/ffn/linear_0/weight"
+    one, two = _adapter(rank=2, seed=1), _adapter(rank=3, seed=2)
+    mean = WhisperAdapter.mean([one, two])
+    a, b = mean.factors[name]
+    assert a.shape == (5, 4) and b.shape == (6, 5)  # ranks add up
+    base = np.random.default_rng(3).normal(size=(6, 4)).astype(np.float32)
+    expected = base + 0.5 * (one.factors[name][1] @ one.factors[name][0])
+    expected += 0.5 * (two.factors[name][1] @ two.factors[name][0])
+    np.testing.assert_allclose(mean.merged(name, base), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        WhisperAdapter.mean([one]).merged(name, base), one.merged(name, base)
+    )
+    other = WhisperAdapter({"decoder/layer_1/ffn/linear_0/weight": one.factors[name]})
+    with pytest.raises(ModelError, match="same weights"):
+        WhisperAdapter.mean([one, other])
+    with pytest.raises(ModelError, match="same weights"):
+        WhisperAdapter.mean([])
+
+
 def test_adapter_file_must_be_there(tmp_path):
     with pytest.raises(ModelError, match="whisper_adapter.safetensors"):
         WhisperAdapter.load(tmp_path)
