@@ -6,7 +6,8 @@ Each FROM_BUNDLE carries an adapter trained by `xmodal tune-whisper` from the pa
 weights. BUNDLE's adapter becomes the mean of their updates, exactly (`WhisperAdapter.mean`:
 the factors stacked, so the rank is the sum of theirs); its config then names an adapter.
 BUNDLE may be one of the FROM_BUNDLEs. Rebuild indexes that hold speech: the fingerprint
-changes. The default model v7's adapter is the soup of v6's and round four's (model card).
+changes. Candidate F of round four (model card, "Whisper adapter (v5)") was the soup of v6's
+adapter and E's; it was not shipped.
 """
 
 from __future__ import annotations
