@@ -6,7 +6,7 @@ Whisper's adapter (`xmodal tune-whisper`) learns only what it hears. Trained on 
 it learns that an utterance is a ten-word caption, and a short one ("dog", "red car") then
 comes out empty, as the caption prompt, or as a caption-like guess. This cuts `--count`
 distinct phrases of 1–4 words (the length drawn evenly; one-word cuts are dropped most often,
-so the defaults give 345/523/539/593 of 1/2/3/4 words) at random places of the captions,
+so the model card's asr_train.tsv gave 345/523/539/593 of 1/2/3/4 words) at random places of the captions,
 never ending on a function word ("a", "the", "of" …), and writes them as a manifest
 (`image`, `caption`) to voice with `xmodal speech-corpus`. The rows are drawn in a seeded
 order; each phrase keeps its caption's image. Nothing is written for a caption too short for
