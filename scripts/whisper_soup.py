@@ -13,7 +13,6 @@ adapter and E's; it was not shipped.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from engine.config import ModelConfig  # noqa: E402
 from engine.errors import ModelError  # noqa: E402
 from engine.model import bundle_fingerprint  # noqa: E402
 from engine.speech import WhisperAdapter  # noqa: E402
+from trainer.whisper_tune import give_adapter  # noqa: E402
 
 
 def soup(bundle: Path, sources: list[Path]) -> WhisperAdapter:
@@ -33,10 +33,7 @@ def soup(bundle: Path, sources: list[Path]) -> WhisperAdapter:
             raise ModelError(f"{source}: its config names no Whisper adapter")
         adapters.append(WhisperAdapter.load(source))
     mean = WhisperAdapter.mean(adapters)
-    config = ModelConfig.load(bundle)
-    mean.save(bundle)  # first: until the config names it, loaders ignore it
-    speech = dataclasses.replace(config.speech, adapter=True)
-    dataclasses.replace(config, speech=speech).save(bundle)
+    give_adapter(bundle, mean)
     return mean
 
 

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.config import ModelConfig
 from engine.ct2 import read_array, read_index
 from engine.errors import MediaError, XmodalError
 from engine.media import SAMPLE_RATE
@@ -410,10 +411,15 @@ def tune_whisper(
         decoder, cache, whisper.tokenizer, context=model.config.speech.prompt, cfg=cfg,
         progress=progress,
     )  # fmt: skip
-    model.config = dataclasses.replace(
-        model.config, speech=dataclasses.replace(model.config.speech, adapter=True)
-    )
-    model.whisper_adapter = decoder.adapter()
-    model.whisper_adapter.save(bundle)  # first: until the config names it, loaders ignore it
-    model.config.save(bundle)
+    give_adapter(bundle, decoder.adapter())
     return TuneReport(clips=len(cache.captions), losses=losses)
+
+
+def give_adapter(bundle: Path, adapter: WhisperAdapter) -> None:
+    """Write `adapter` into `bundle` and name it in its config (`speech.adapter`), replacing
+    any adapter it had. A bundle whose config cannot be read fails before anything is written."""
+    config = ModelConfig.load(bundle)
+    adapter.save(bundle)  # first: until the config names it, loaders ignore it
+    dataclasses.replace(config, speech=dataclasses.replace(config.speech, adapter=True)).save(
+        bundle
+    )
