@@ -121,6 +121,10 @@ def main() -> None:
         rows = list(csv.DictReader(f, delimiter="\t"))
     if rows and not {"image", "caption"} <= set(rows[0]):
         parser.error(f"{args.manifest}: needs image and caption columns")
+    if not args.words and (args.leave_out or args.top != parser.get_default("top")):
+        parser.error("--top and --leave-out go with --words")
+    if args.words and not args.words.is_file():
+        parser.error(f"{args.words}: no such vocabulary file")
     if args.words:
         leave_out = {w.strip().lower() for w in args.leave_out.split(",") if w.strip()}
         words = vocabulary_words(args.words.read_text().splitlines(), args.top, leave_out)
