@@ -179,17 +179,24 @@ class AlignedModel:
         """`(n, dim)` float32, L2-normalized, for decoded RGB images of any size.
 
         The backbone takes one image at a time on each core (`one_thread_each`): batching
-        does not make EfficientNet-Lite0 faster here, running images side by side does.
+        does not make EfficientNet-Lite0 faster here, running images side by side does. A
+        lone image gets all of torch's threads, which ONNX Runtime uses (`engine.onnx_graph`;
+        9.5 ms on two threads, 14.8 on one, on this project's 2-core AMD VM).
         """
         if not images:
             return np.zeros((0, self.dim), dtype=np.float32)
+        from engine.onnx_graph import onnx_enabled
+
         backbone = self.image_backbone  # built here, not by two workers at once
 
         def features(image: Image.Image) -> torch.Tensor:
             with torch.inference_mode():
                 return backbone.embed(self.preprocess([image]))[0]
 
-        pooled = torch.stack(one_thread_each(features, list(images)))
+        if len(images) == 1 and onnx_enabled():
+            pooled = features(images[0])[None]
+        else:
+            pooled = torch.stack(one_thread_each(features, list(images)))
         return self.embed_image_features(pooled.numpy())
 
     def embed_speech_states(self, states: np.ndarray, lengths: np.ndarray) -> np.ndarray:

@@ -14,6 +14,7 @@ from PIL import Image
 
 from engine.errors import ModelError
 from engine.graph import InferenceGraph
+from engine.onnx_graph import OnnxGraph
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class ImageBackbone(torch.nn.Module):
         # `embed`'s path; traced per image side (padding arithmetic is fixed by it), any batch
         # float32: in bfloat16 its features drift more (embedding cosine ≥ 0.992, not 0.9999)
         self.graph = InferenceGraph(self, key=lambda x: tuple(x.shape[1:]))
+        self.onnx = OnnxGraph(self, key=lambda x: tuple(x.shape[1:]))  # tried before `graph`
 
     def trunk(self, x: torch.Tensor) -> torch.Tensor:
         """`(n, 3, s, s)` → `(n, 192, s/32, s/32)`: stem and the first `TRUNK_BLOCKS` blocks."""
@@ -82,6 +84,7 @@ class ImageBackbone(torch.nn.Module):
         """Run `tail` (e.g. tuned weights from a bundle) instead of the packaged one."""
         self.tail_net = tail.eval().requires_grad_(False)
         self.graph.reset()
+        self.onnx.reset()
 
     def fuse_batchnorm(self) -> ImageBackbone:
         """Fold every BatchNorm into the convolution before it, for inference only (returns self).
@@ -101,6 +104,7 @@ class ImageBackbone(torch.nn.Module):
         tail.bn1 = torch.nn.Identity()
         self.tail_net = tail
         self.graph.reset()
+        self.onnx.reset()
         return self
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,9 +115,11 @@ class ImageBackbone(torch.nn.Module):
         return pool(self.feature_map(x))
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """`forward` for inference (under `torch.inference_mode()`), through a frozen graph once
-        the image side has been seen before; see `engine.graph`."""
-        return self.graph(x)
+        """`forward` for inference (under `torch.inference_mode()`): once the image side has been
+        seen before, under ONNX Runtime (`engine.onnx_graph`), else through a frozen graph
+        (`engine.graph`)."""
+        out = self.onnx(x)
+        return self.graph(x) if out is None else out
 
 
 class ImageTail(torch.nn.Module):

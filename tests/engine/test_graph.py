@@ -99,6 +99,7 @@ def test_text_tower_graph_matches_eager_for_other_batches_and_lengths(monkeypatc
 
 def test_image_backbone_graph_matches_eager_for_other_batch_sizes(monkeypatch):
     monkeypatch.delenv(ENV_SWITCH, raising=False)
+    monkeypatch.setenv("XMODAL_ONNX", "0")  # the torch graph (ONNX Runtime: test_onnx_graph)
     monkeypatch.setenv(PRECISION_ENV, "fp32")
     torch.manual_seed(0)
     backbone = ImageBackbone().fuse_batchnorm()

@@ -1,0 +1,90 @@
+"""engine.onnx_graph: a module's inference pass under ONNX Runtime, same outputs, cached export."""
+
+import logging
+
+import pytest
+import torch
+
+from engine import onnx_graph
+from engine.onnx_graph import OnnxGraph
+from engine.vision import ImageBackbone
+
+
+class Net(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1, groups=1)
+        self.dw = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.dw(torch.relu(self.conv(x)))
+        return torch.cat([y.mean((2, 3)), y.amax((2, 3))], 1)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XMODAL_CACHE", str(tmp_path))
+    monkeypatch.delenv("XMODAL_ONNX", raising=False)
+    monkeypatch.delenv("XMODAL_EAGER", raising=False)
+    return tmp_path / "onnx"
+
+
+def test_second_call_runs_onnx_runtime_with_the_same_outputs_any_batch(cache):
+    net = Net().eval()
+    graph = OnnxGraph(net, key=lambda x: tuple(x.shape[1:]))
+    x = torch.randn(3, 3, 16, 16)
+    with torch.inference_mode():
+        assert graph(x[:1]) is None  # first call of a side: the caller's own path
+        out = graph(x)  # a batch of 3 through the export of the 1-image call
+        ref = net(x)
+    assert out is not None and out.shape == (3, 16)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    (file,) = cache.glob("*.onnx")
+    assert not list(cache.glob(".*part"))
+    # a new graph on the same weights reuses the file; changed weights export anew
+    again = OnnxGraph(net, key=lambda x: tuple(x.shape[1:]))
+    with torch.inference_mode():
+        again(x), again(x)
+    assert list(cache.glob("*.onnx")) == [file]
+    with torch.no_grad():
+        net.conv.bias.add_(1.0)
+    graph.reset()
+    with torch.inference_mode():
+        graph(x)
+        torch.testing.assert_close(graph(x), net(x), atol=1e-5, rtol=1e-5)
+    assert len(list(cache.glob("*.onnx"))) == 2
+
+
+def test_switched_off_or_failing_it_leaves_the_call_to_torch(cache, monkeypatch, caplog):
+    net = Net().eval()
+    x = torch.randn(1, 3, 16, 16)
+    graph = OnnxGraph(net, key=lambda x: None)
+    monkeypatch.setenv("XMODAL_ONNX", "0")
+    with torch.inference_mode():
+        assert graph(x) is None and graph(x) is None
+    monkeypatch.setenv("XMODAL_ONNX", "1")
+
+    def no_export(self, x):
+        raise RuntimeError("no exporter here")
+
+    monkeypatch.setattr(onnx_graph.OnnxGraph, "_export", no_export)
+    broken = OnnxGraph(net, key=lambda x: None)
+    with caplog.at_level(logging.WARNING), torch.inference_mode():
+        assert broken(x) is None and broken(x) is None and broken(x) is None
+    assert broken.broken
+    assert sum("no exporter here" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_image_backbone_runs_under_onnx_runtime_from_the_second_call(cache):
+    torch.manual_seed(0)
+    backbone = ImageBackbone().fuse_batchnorm()
+    x = torch.randn(3, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        eager = backbone(x)
+        backbone.embed(x[:1])
+        out = backbone.embed(x)  # ONNX Runtime, exported at batch 1
+        assert backbone.onnx.sessions and not backbone.graph.graphs  # no torch trace
+        torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
+        backbone.use_tail(backbone.tail_net)  # new weights: exports and sessions go
+        assert not backbone.onnx.sessions and not backbone.onnx.files
