@@ -4,7 +4,8 @@ speech × real time (parallel and cascaded branches), text sentences/s.
     .venv/bin/python benchmarks/encoders.py [--model default] [--seconds 20]
 
 Images and text are timed as shipped (on CPUs with AMX the text graph runs in bfloat16; the
-image heads run in int8, engine.heads.Int8OnReuse), with float32 graphs and heads
+image backbone runs under ONNX Runtime, engine.onnx_graph; the image heads run in int8,
+engine.heads.Int8OnReuse), with torch graphs only (XMODAL_ONNX=0), with float32 graphs and heads
 (XMODAL_PRECISION=fp32), and, as baselines in the same process, with the towers
 eager (XMODAL_EAGER=1, no engine.graph) and eager with all torch threads at every batch size
 (also no engine.threads): the code before those two. Media are generated here (seeded
@@ -37,6 +38,7 @@ from PIL import Image  # noqa: E402
 from engine.graph import ENV_SWITCH, PRECISION_ENV, bf16_graphs  # noqa: E402
 from engine.media import SAMPLE_RATE, load_audio, load_image  # noqa: E402
 from engine.model import load_model  # noqa: E402
+from engine.onnx_graph import ONNX_ENV  # noqa: E402
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 SENTENCES = [
@@ -58,26 +60,34 @@ def _timed(fn, n_items: int, seconds: float) -> float:
     return done / (time.perf_counter() - start)
 
 
-def _variants(model, fn, n_items: int, seconds: float) -> tuple[float, float, float, float]:
-    """`_timed` as shipped, with float32 graphs and heads, then with every tower eager, then eager with
-    all torch threads at every batch size (the code before engine.graph and engine.threads)."""
+def _variants(model, fn, n_items: int, seconds: float) -> tuple[float, float, float, float, float]:
+    """`_timed` as shipped, without ONNX Runtime (torch graphs only, the code before
+    engine.onnx_graph), with float32 graphs and heads, then with every tower eager, then eager
+    with all torch threads at every batch size (the code before engine.graph and
+    engine.threads)."""
 
     def retrace() -> None:
         model.text_tower.graph.reset()
         model.image_backbone.graph.reset()
+        model.image_backbone.onnx.reset()
 
     retrace()
     shipped = _timed(fn, n_items, seconds)
     small = engine.threads.SMALL_BATCH
     try:
+        os.environ[ONNX_ENV] = "0"
+        retrace()
+        torch_graphs = _timed(fn, n_items, seconds)
+        os.environ.pop(ONNX_ENV)
         os.environ[PRECISION_ENV] = "fp32"
         retrace()
         fp32 = _timed(fn, n_items, seconds)
         os.environ[ENV_SWITCH] = "1"
         eager = _timed(fn, n_items, seconds)
         engine.threads.SMALL_BATCH = 0
-        return shipped, fp32, eager, _timed(fn, n_items, seconds)
+        return shipped, torch_graphs, fp32, eager, _timed(fn, n_items, seconds)
     finally:
+        os.environ.pop(ONNX_ENV, None)
         os.environ.pop(ENV_SWITCH, None)
         os.environ.pop(PRECISION_ENV, None)
         engine.threads.SMALL_BATCH = small
@@ -136,6 +146,7 @@ def main() -> None:
                         None,
                         None,
                         None,
+                        None,
                         "≥ 8 (parallel)",
                     )
                 )
@@ -144,14 +155,16 @@ def main() -> None:
             rates = _variants(model, lambda b=batch: model.embed_text(b), bs, args.seconds)
             rows.append(("text sentences/s", bs, *rates, "≥ 300"))
     header = (
-        "| what | batch | shipped | float32 graphs and heads | eager | eager, all threads "
-        "| × eager, all threads | target |\n|---|---|---|---|---|---|---|---|\n"
+        "| what | batch | shipped | torch graphs (no ONNX Runtime) | × torch graphs "
+        "| float32 graphs and heads | eager | eager, all threads | × eager, all threads "
+        "| target |\n|---|---|---|---|---|---|---|---|---|---|\n"
     )
     table = header + "".join(
-        f"| {w} | {b} | {r:.1f} | {f:.1f} | {e:.1f} | {p:.1f} | {r / p:.2f} | {t} |\n"
+        f"| {w} | {b} | {r:.1f} | {g:.1f} | {r / g:.2f} | {f:.1f} | {e:.1f} | {p:.1f} "
+        f"| {r / p:.2f} | {t} |\n"
         if e
-        else f"| {w} | {b} | {r:.1f} | - | - | - | - | {t} |\n"
-        for w, b, r, f, e, p, t in rows
+        else f"| {w} | {b} | {r:.1f} | - | - | - | - | - | - | {t} |\n"
+        for w, b, r, g, f, e, p, t in rows
     )
     print(table)
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
