@@ -185,15 +185,13 @@ class AlignedModel:
         """
         if not images:
             return np.zeros((0, self.dim), dtype=np.float32)
-        from engine.onnx_graph import onnx_enabled
-
         backbone = self.image_backbone  # built here, not by two workers at once
 
         def features(image: Image.Image) -> torch.Tensor:
             with torch.inference_mode():
                 return backbone.embed(self.preprocess([image]))[0]
 
-        if len(images) == 1 and onnx_enabled():
+        if len(images) == 1 and backbone.onnx.active:
             pooled = features(images[0])[None]
         else:
             pooled = torch.stack(one_thread_each(features, list(images)))

@@ -71,8 +71,13 @@ class OnnxGraph:
         self.sessions: dict[tuple[Hashable, int], Any] = {}
         self.broken = False
 
+    @property
+    def active(self) -> bool:
+        """Whether calls may run under ONNX Runtime: switched on and not given up."""
+        return not self.broken and onnx_enabled()
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
-        if self.broken or not onnx_enabled():
+        if not self.active:
             return None
         k = self.key(x)
         threads = torch.get_num_threads()

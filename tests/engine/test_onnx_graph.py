@@ -63,7 +63,9 @@ def test_switched_off_or_failing_it_leaves_the_call_to_torch(cache, monkeypatch,
     monkeypatch.setenv("XMODAL_ONNX", "0")
     with torch.inference_mode():
         assert graph(x) is None and graph(x) is None
+    assert not graph.active
     monkeypatch.setenv("XMODAL_ONNX", "1")
+    assert graph.active
 
     def no_export(self, x):
         raise RuntimeError("no exporter here")
@@ -72,7 +74,7 @@ def test_switched_off_or_failing_it_leaves_the_call_to_torch(cache, monkeypatch,
     broken = OnnxGraph(net, key=lambda x: None)
     with caplog.at_level(logging.WARNING), torch.inference_mode():
         assert broken(x) is None and broken(x) is None and broken(x) is None
-    assert broken.broken
+    assert broken.broken and not broken.active
     assert sum("no exporter here" in r.getMessage() for r in caplog.records) == 1
 
 
