@@ -12,7 +12,8 @@ stays on its graph.
 
 `OnnxGraph(module, key=...)` exports `module` once per input side into the cache
 (`engine.speech.cache_root() / "onnx"`, named by a hash of the weights, the side and torch's
-version; written under a temporary name, then renamed, so a crash leaves no half file), and
+version; written under a temporary name, then renamed, so a crash leaves no half file; a file
+unused for 30 days goes when another is exported), and
 runs it in an ONNX Runtime session with as many threads as torch has at the call (sessions by
 thread count: `engine.threads`' workers run one-thread calls side by side on one session). Like
 `InferenceGraph` it waits for a key's second call, so a one-shot command pays no export or
@@ -23,10 +24,12 @@ turns it off. Use under `torch.inference_mode()`; call `reset()` after changing 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import threading
+import time
 import warnings
 from collections.abc import Callable, Hashable
 from pathlib import Path
@@ -140,6 +143,8 @@ class OnnxGraph:
         name = f"{self._name.lower()}-{hashlib.sha256(tag.encode()).hexdigest()[:16]}.onnx"
         path = cache_root() / "onnx" / name
         if path.is_file():
+            with contextlib.suppress(OSError):  # a read-only cache still works
+                os.utime(path)  # last use, for `_prune_exports`
             return path
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{name}.{os.getpid()}.{threading.get_ident()}.part")
@@ -155,4 +160,19 @@ class OnnxGraph:
         finally:
             partial.unlink(missing_ok=True)
         log.info("exported %s for ONNX Runtime: %s", self._name, path)
+        _prune_exports(path.parent, keep=path)
         return path
+
+
+def _prune_exports(folder: Path, *, keep: Path) -> None:
+    """Delete the exports in `folder` other than `keep` that nothing has run for
+    `engine.speech.UNUSED_DAYS` (each bundle with its own tuned tail leaves a 13 MB file; one
+    deleted too early is only exported again, ~0.7 s)."""
+    from engine.speech import UNUSED_DAYS
+
+    cutoff = time.time() - UNUSED_DAYS * 86400
+    for old in folder.glob("*.onnx"):
+        with contextlib.suppress(OSError):
+            if old != keep and old.stat().st_mtime < cutoff:
+                log.info("removing %s: unused for %d days", old, UNUSED_DAYS)
+                old.unlink()

@@ -1,6 +1,8 @@
 """engine.onnx_graph: a module's inference pass under ONNX Runtime, same outputs, cached export."""
 
 import logging
+import os
+import time
 
 import pytest
 import torch
@@ -54,6 +56,17 @@ def test_second_call_runs_onnx_runtime_with_the_same_outputs_any_batch(cache):
         graph(x)
         torch.testing.assert_close(graph(x), net(x), atol=1e-5, rtol=1e-5)
     assert len(list(cache.glob("*.onnx"))) == 2
+    # an export unused for 30 days goes when another is made; one in use stays
+    stale, fresh = cache / "stale.onnx", cache / "fresh.onnx"
+    stale.write_bytes(b"old"), fresh.write_bytes(b"new")
+    month = time.time() - 31 * 86400
+    os.utime(stale, (month, month))
+    with torch.no_grad():
+        net.conv.bias.add_(1.0)
+    graph.reset()
+    with torch.inference_mode():
+        graph(x), graph(x)
+    assert not stale.exists() and fresh.exists() and len(list(cache.glob("*.onnx"))) == 4
 
 
 def test_switched_off_or_failing_it_leaves_the_call_to_torch(cache, monkeypatch, caplog):
