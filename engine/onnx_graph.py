@@ -29,7 +29,6 @@ import hashlib
 import logging
 import os
 import threading
-import time
 import warnings
 from collections.abc import Callable, Hashable
 from pathlib import Path
@@ -135,7 +134,7 @@ class OnnxGraph:
         return session
 
     def _export(self, x: torch.Tensor) -> Path:
-        from engine.speech import cache_root
+        from engine.speech import cache_root, prune_unused
 
         with torch.inference_mode(False):  # export traces: no inference tensors
             example = x[:1].detach().clone().contiguous()
@@ -144,7 +143,7 @@ class OnnxGraph:
         path = cache_root() / "onnx" / name
         if path.is_file():
             with contextlib.suppress(OSError):  # a read-only cache still works
-                os.utime(path)  # last use, for `_prune_exports`
+                os.utime(path)  # last use, for `prune_unused`
             return path
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{name}.{os.getpid()}.{threading.get_ident()}.part")
@@ -160,19 +159,7 @@ class OnnxGraph:
         finally:
             partial.unlink(missing_ok=True)
         log.info("exported %s for ONNX Runtime: %s", self._name, path)
-        _prune_exports(path.parent, keep=path)
+        # each bundle with its own tuned tail leaves a 13 MB file; one deleted too early is
+        # only exported again (~0.7 s)
+        prune_unused(path.parent.glob("*.onnx"), keep=path)
         return path
-
-
-def _prune_exports(folder: Path, *, keep: Path) -> None:
-    """Delete the exports in `folder` other than `keep` that nothing has run for
-    `engine.speech.UNUSED_DAYS` (each bundle with its own tuned tail leaves a 13 MB file; one
-    deleted too early is only exported again, ~0.7 s)."""
-    from engine.speech import UNUSED_DAYS
-
-    cutoff = time.time() - UNUSED_DAYS * 86400
-    for old in folder.glob("*.onnx"):
-        with contextlib.suppress(OSError):
-            if old != keep and old.stat().st_mtime < cutoff:
-                log.info("removing %s: unused for %d days", old, UNUSED_DAYS)
-                old.unlink()

@@ -16,7 +16,7 @@ import re
 import shutil
 import stat
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,14 +194,25 @@ def _prune_unused(*, keep: Path) -> None:
     """Delete the merged copies (`ADAPTED_PREFIX` + fingerprint) other than `keep` that no
     bundle has loaded for `UNUSED_DAYS`: every retrained adapter leaves one behind, and one
     deleted too early is only merged again (~1.5 s)."""
+    prefix = len(ADAPTED_PREFIX)
+    copies = keep.parent.glob(f"{ADAPTED_PREFIX}*")
+    prune_unused((c for c in copies if re.fullmatch(r"[0-9a-f]{16}", c.name[prefix:])), keep=keep)
+
+
+def prune_unused(entries: Iterable[Path], *, keep: Path) -> None:
+    """Delete the cache entries (folders or files) of `entries` other than `keep` that were
+    last used (modified or touched: each use touches its entry) over `UNUSED_DAYS` ago."""
     cutoff = time.time() - UNUSED_DAYS * 86400
-    for folder in keep.parent.glob(f"{ADAPTED_PREFIX}*"):
-        if folder == keep or not re.fullmatch(r"[0-9a-f]{16}", folder.name[len(ADAPTED_PREFIX) :]):
+    for entry in entries:
+        if entry == keep:
             continue
         with contextlib.suppress(OSError):
-            if folder.stat().st_mtime < cutoff:
-                log.info("removing %s: no bundle used it for %d days", folder, UNUSED_DAYS)
-                shutil.rmtree(folder)
+            if entry.stat().st_mtime < cutoff:
+                log.info("removing %s: unused for %d days", entry, UNUSED_DAYS)
+                if entry.is_dir():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
 
 
 def _joined_whisper() -> Path:
