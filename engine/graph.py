@@ -24,17 +24,19 @@ cosine 0.9999 of float32 and the same dev recall (benchmarks/RESULTS.md, 2026-11
 image tower does not (EfficientNet-Lite0 7.2 → 3.6 ms, but cosine down to 0.992). The first call
 per key, eager, stays float32. `XMODAL_PRECISION=fp32` keeps float32 everywhere (the image
 heads' int8 matmuls included, `engine.heads.Int8OnReuse`), `=bf16` forces bfloat16 where
-oneDNN supports it.
+oneDNN supports it, `=int8` runs the text path in int8 under ONNX Runtime (faster, a little
+less recall: `engine.text.MiniLMTower.whole_path`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
 import threading
 import warnings
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
 import torch
@@ -42,14 +44,33 @@ import torch
 log = logging.getLogger(__name__)
 
 ENV_SWITCH = "XMODAL_EAGER"  # set to 1 to run every tower eagerly (debugging, comparisons)
-PRECISION_ENV = "XMODAL_PRECISION"  # auto (default) | fp32 | bf16
+PRECISION_ENV = "XMODAL_PRECISION"
+PRECISIONS = ("auto", "fp32", "bf16", "int8")
+
+
+_float32_only = 0  # > 0 inside `float32_only()`
+
+
+@contextlib.contextmanager
+def float32_only() -> Iterator[None]:
+    """Inside, `precision()` is fp32 whatever `XMODAL_PRECISION` says, for every thread: for
+    work that makes targets to train on (a teacher's vectors), not queries."""
+    global _float32_only
+    _float32_only += 1
+    try:
+        yield
+    finally:
+        _float32_only -= 1
 
 
 def precision() -> str:
-    """`XMODAL_PRECISION`: auto (the default), fp32 or bf16; anything else raises."""
+    """`XMODAL_PRECISION`: auto (the default), fp32, bf16 or int8; anything else raises. fp32
+    inside `float32_only()`."""
+    if _float32_only:
+        return "fp32"
     choice = os.environ.get(PRECISION_ENV, "auto").lower()
-    if choice not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"{PRECISION_ENV} must be auto, fp32 or bf16, not {choice!r}")
+    if choice not in PRECISIONS:
+        raise ValueError(f"{PRECISION_ENV} must be one of {', '.join(PRECISIONS)}, not {choice!r}")
     return choice
 
 

@@ -148,11 +148,15 @@ class AlignedModel:
         if not texts:
             return np.zeros((0, self.dim), np.float32)
         with threads_for(len(texts)):
-            vecs = self.text_tower.encode(texts)
-            if "text" in self.heads:
-                with torch.inference_mode():
-                    vecs = self.heads["text"](torch.from_numpy(vecs)).numpy()
-        return l2_normalize(vecs)
+            return self.text_tower.encode(
+                texts, head=self.heads.get("text"), whole=self._text_whole
+            )
+
+    @cached_property
+    def _text_whole(self):
+        """The text path in int8 under ONNX Runtime while `XMODAL_PRECISION=int8`
+        (`MiniLMTower.whole_path`), or None (a tower without one)."""
+        return self.text_tower.whole_path(self.heads.get("text"))
 
     def embed_image_features(self, features: np.ndarray) -> np.ndarray:
         """Pooled backbone features `(n, in_dim)` → `(n, dim)` float32, L2-normalized.

@@ -1,4 +1,4 @@
-"""The image backbone's inference pass under ONNX Runtime: the same network, faster kernels.
+"""Inference passes under ONNX Runtime: the image backbone (float32) and the text path (int8).
 
 On the 2-core AMD EPYC VM (AVX2, no AVX-512) EfficientNet-Lite0 with the default model's tail
 took 11–19 ms an image through the frozen TorchScript graph (`engine.graph`), on one thread or
@@ -6,13 +6,15 @@ two, and 8–12 ms under ONNX Runtime on two threads (15 on one); features withi
 torch's. Whole images, JPEG decode and heads included (`benchmarks/encoders.py`, RESULTS.md
 2026-11-30): 1.64× the images per second at batch 1 (66.0 against 40.2), 1.13× at batch 32.
 The network is mostly depthwise convolutions, which ONNX Runtime's kernels run faster here.
-MiniLM gained little under ONNX Runtime in the same probe (5.8 against 7.5 ms a sentence
-on two threads; `embed_text` at batch 1 runs one thread, 9.0 against 9.8), so the text tower
-stays on its graph.
+MiniLM gained little under ONNX Runtime in float32 (5.8 against 7.5 ms a sentence on two
+threads; `embed_text` at batch 1 runs one thread, 9.0 against 9.8), but its int8 copy, with the
+text head, runs ~2.5× the sentences per second of the torch graph at batch 1 and 32
+(`engine.text.MiniLMTower.whole_path`).
 
-`OnnxGraph(module, key=...)` exports `module` once per input side into the cache
-(`engine.speech.cache_root() / "onnx"`, named by a hash of the weights, the side and torch's
-version; written under a temporary name, then renamed, so a crash leaves no half file; a file
+`OnnxGraph(module, key=...)` exports `module` once per key into the cache
+(`engine.speech.cache_root() / "onnx"`, named by a hash of the weights, the input shapes but
+their dynamic axes, torch's version and, for int8, the quantization recipe; written under a
+temporary name, then renamed, so a crash leaves no half file; a file
 unused for 30 days goes when another is exported), and
 runs it in an ONNX Runtime session with as many threads as torch has at the call (sessions by
 thread count: `engine.threads`' workers run one-thread calls side by side on one session). Like
@@ -61,12 +63,31 @@ def weights_digest(module: torch.nn.Module) -> str:
 
 
 class OnnxGraph:
-    """Calls `module(x)` for one float32 input through ONNX Runtime from a key's second call
-    on; returns None where the caller should run its own path (off, first call, failure)."""
+    """Calls `module(*inputs)` through ONNX Runtime from a key's second call on; returns None
+    where the caller should run its own path (off, first call, failure).
 
-    def __init__(self, module: torch.nn.Module, *, key: Callable[[torch.Tensor], Hashable]):
+    `inputs` names the module's inputs (one float32 `x` by default) and `dynamic` the axes of
+    each that may vary (the batch axis by default; the output's batch axis always varies).
+    `variant()`, asked at each call, says how to run it now: "float32" (the default), "int8"
+    (the export dynamically quantized: int8 weights per output channel, activations quantized
+    per call; see `engine.text.MiniLMTower.whole_path` for what that costs and gives), or None
+    (not now: the caller's path). Each variant is exported and first seen on its own.
+    """
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        *,
+        key: Callable[..., Hashable],
+        inputs: tuple[str, ...] = ("x",),
+        dynamic: tuple[int, ...] = (0,),
+        variant: Callable[[], str | None] = lambda: "float32",
+    ):
         self.module = module
         self.key = key
+        self.inputs = inputs
+        self.dynamic = dynamic
+        self.variant = variant
         self.lock = threading.Lock()
         self.seen: set[Hashable] = set()
         self.files: dict[Hashable, Path] = {}
@@ -75,13 +96,17 @@ class OnnxGraph:
 
     @property
     def active(self) -> bool:
-        """Whether calls may run under ONNX Runtime: switched on and not given up."""
-        return not self.broken and onnx_enabled()
+        """Whether calls may run under ONNX Runtime now: switched on, not given up, and a
+        variant to run."""
+        return not self.broken and onnx_enabled() and self.variant() is not None
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
-        if not self.active:
+    def __call__(self, *xs: torch.Tensor) -> torch.Tensor | None:
+        if self.broken or not onnx_enabled():
             return None
-        k = self.key(x)
+        variant = self.variant()
+        if variant is None:
+            return None
+        k = (self.key(*xs), variant)
         threads = torch.get_num_threads()
         session = self.sessions.get((k, threads))
         if session is None:
@@ -89,12 +114,15 @@ class OnnxGraph:
                 if k not in self.seen:
                     self.seen.add(k)
                     return None
-                session = self.sessions.get((k, threads)) or self._session(k, x, threads)
+                session = self.sessions.get((k, threads)) or self._session(k, xs, threads)
             if session is None:
                 return None
-        feed = np.ascontiguousarray(x.detach().numpy(), dtype=np.float32)
+        feed = {
+            name: np.ascontiguousarray(x.detach().numpy())
+            for name, x in zip(self.inputs, xs, strict=True)
+        }
         try:
-            (out,) = session.run(None, {"x": feed})
+            (out,) = session.run(None, feed)
         except Exception as exc:  # noqa: BLE001 - a session that fails to run: torch from now on
             log.warning("running %s in torch: ONNX Runtime failed (%s)", self._name, exc)
             self.broken = True
@@ -113,11 +141,11 @@ class OnnxGraph:
     def _name(self) -> str:
         return type(self.module).__name__
 
-    def _session(self, k: Hashable, x: torch.Tensor, threads: int) -> Any:
+    def _session(self, k: Hashable, xs: tuple[torch.Tensor, ...], threads: int) -> Any:
         try:
             import onnxruntime as ort
 
-            path = self.files.get(k) or self._export(x)
+            path = self.files.get(k) or self._export(k, xs)
             self.files[k] = path
             options = ort.SessionOptions()
             options.intra_op_num_threads = threads
@@ -133,12 +161,16 @@ class OnnxGraph:
         self.sessions[(k, threads)] = session
         return session
 
-    def _export(self, x: torch.Tensor) -> Path:
+    def _export(self, k: tuple[Hashable, str], xs: tuple[torch.Tensor, ...]) -> Path:
         from engine.speech import cache_root, prune_unused
 
         with torch.inference_mode(False):  # export traces: no inference tensors
-            example = x[:1].detach().clone().contiguous()
-        tag = f"{weights_digest(self.module)} {tuple(example.shape[1:])} {torch.__version__}"
+            example = tuple(x[:1].detach().clone().contiguous() for x in xs)
+        fixed = [tuple(s for i, s in enumerate(x.shape) if i not in self.dynamic) for x in example]
+        shapes = fixed[0] if len(fixed) == 1 else fixed  # one input: the name exports had before
+        tag = f"{weights_digest(self.module)} {shapes} {torch.__version__}"
+        if k[1] == "int8":
+            tag += f" int8 {INT8_RECIPE}"
         name = f"{self._name.lower()}-{hashlib.sha256(tag.encode()).hexdigest()[:16]}.onnx"
         path = cache_root() / "onnx" / name
         if path.is_file():
@@ -150,16 +182,42 @@ class OnnxGraph:
         try:
             with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
                 warnings.simplefilter("ignore")
+                axes = {name: {i: f"d{i}" for i in self.dynamic} for name in self.inputs}
                 torch.onnx.export(
-                    self.module.eval(), (example,), str(partial), input_names=["x"],
-                    output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}},
+                    self.module.eval(), example, str(partial), input_names=list(self.inputs),
+                    output_names=["y"], dynamic_axes={**axes, "y": {0: "d0"}},
                     opset_version=OPSET, dynamo=False,
                 )  # fmt: skip
+            if k[1] == "int8":
+                _quantize(partial)
             os.replace(partial, path)
         finally:
             partial.unlink(missing_ok=True)
         log.info("exported %s for ONNX Runtime: %s", self._name, path)
-        # each bundle with its own tuned tail leaves a 13 MB file; one deleted too early is
-        # only exported again (~0.7 s)
+        # each bundle with its own tuned tail leaves a 13 MB file (its text path 23 MB); one
+        # deleted too early is only exported again (~0.7 s; the text path ~4 s)
         prune_unused(path.parent.glob("*.onnx"), keep=path)
         return path
+
+
+INT8_RECIPE = "quantize_dynamic QInt8 per-channel"  # in the export's name: a new recipe, a new file
+
+
+class _NoPreprocessHint(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-processing before quantization" not in record.getMessage()
+
+
+def _quantize(path: Path) -> None:
+    """Replace the float32 ONNX file `path` with its dynamically quantized copy."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    out = path.with_name(path.name + ".int8")
+    hint = _NoPreprocessHint()  # quantize_dynamic suggests a pass that we measured no need for
+    logging.getLogger().addFilter(hint)
+    try:
+        quantize_dynamic(path, out, weight_type=QuantType.QInt8, per_channel=True)
+        os.replace(out, path)
+    finally:
+        logging.getLogger().removeFilter(hint)
+        out.unlink(missing_ok=True)

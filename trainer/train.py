@@ -33,6 +33,7 @@ from engine.config import (
     TextTowerConfig,
 )
 from engine.errors import XmodalError
+from engine.graph import float32_only
 from engine.heads import HeadEnsemble, lengths_to_mask
 from engine.model import (
     AlignedModel,
@@ -398,7 +399,8 @@ def train_speech_stage(
 ) -> list[dict]:
     """Distill `model.heads["speech"]` from the model's own text vectors of the captions."""
     states, offsets = speech_states(audios, cache_dir, whisper=lambda: model.whisper)
-    teacher = torch.from_numpy(model.embed_text(captions))
+    with float32_only():  # float32 targets, also under XMODAL_PRECISION=int8
+        teacher = torch.from_numpy(model.embed_text(captions))
     head = model.heads["speech"]
     head.train().requires_grad_(True)
     loss_fn = DistillLoss(cfg.alpha, cfg.beta, temperature=cfg.temperature, lam=cfg.lam)

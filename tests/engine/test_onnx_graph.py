@@ -80,7 +80,7 @@ def test_switched_off_or_failing_it_leaves_the_call_to_torch(cache, monkeypatch,
     monkeypatch.setenv("XMODAL_ONNX", "1")
     assert graph.active
 
-    def no_export(self, x):
+    def no_export(self, k, xs):
         raise RuntimeError("no exporter here")
 
     monkeypatch.setattr(onnx_graph.OnnxGraph, "_export", no_export)
@@ -103,3 +103,48 @@ def test_image_backbone_runs_under_onnx_runtime_from_the_second_call(cache):
         torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
         backbone.use_tail(backbone.tail_net)  # new weights: exports and sessions go
         assert not backbone.onnx.sessions and not backbone.onnx.files
+
+
+class Tokens(torch.nn.Module):
+    """Ids and a mask of any batch and length → masked mean of projected embeddings."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(50, 64)
+        self.proj = torch.nn.Linear(64, 32)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        states = torch.relu(self.proj(self.embed(ids))) * mask.unsqueeze(-1)
+        return states.sum(1) / mask.sum(1, keepdim=True)
+
+
+def test_int8_variant_of_several_inputs_any_batch_and_length(cache):
+    net = Tokens().eval()
+    mode = {"now": "int8"}
+    graph = OnnxGraph(
+        net,
+        key=lambda *xs: None,
+        inputs=("ids", "mask"),
+        dynamic=(0, 1),
+        variant=lambda: mode["now"],
+    )
+    ids = torch.randint(1, 50, (4, 9))
+    mask = torch.ones(4, 9, dtype=torch.long)
+    mask[1, 5:] = 0
+    with torch.inference_mode():
+        ref = net(ids, mask)
+        assert graph(ids[:1, :3], mask[:1, :3]) is None  # first call: the caller's path
+        int8 = graph(ids, mask)  # another batch size and length, same export
+        assert int8 is not None and int8.shape == (4, 32)
+        # int8 weights: close to float32, not equal
+        assert 0 < (int8 - ref).abs().max() < 0.05 * ref.abs().max()
+        mode["now"] = "float32"  # a variant of its own: first seen, then exported under its name
+        assert graph(ids, mask) is None
+        torch.testing.assert_close(graph(ids, mask), ref, atol=1e-5, rtol=1e-5)
+        assert len(list(cache.glob("*.onnx"))) == 2 and len(graph.sessions) == 2
+        mode["now"] = None  # no variant now: the caller's path
+        assert not graph.active and graph(ids, mask) is None
+        mode["now"] = "int8"
+        assert graph.active
+        torch.testing.assert_close(graph(ids, mask), int8)  # the session kept

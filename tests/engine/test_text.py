@@ -119,3 +119,54 @@ def test_encode_runs_its_batches_side_by_side_one_thread_each(monkeypatch):
         torch.set_num_threads(before)
     np.testing.assert_allclose(two, one, atol=1e-5)
     np.testing.assert_allclose(two[:1], tower.encode(texts[:1]), atol=1e-5)
+
+
+def test_whole_text_path_runs_in_int8_when_asked_from_the_second_call(tmp_path, monkeypatch):
+    import torch
+
+    from engine.config import HeadConfig
+    from engine.graph import PRECISION_ENV, float32_only
+    from engine.heads import MLPHead
+    from engine.text import MiniLMTower, TextPath
+
+    monkeypatch.setenv("XMODAL_CACHE", str(tmp_path))
+    monkeypatch.setenv(PRECISION_ENV, "int8")
+    monkeypatch.delenv("XMODAL_ONNX", raising=False)
+    torch.manual_seed(0)
+    head = MLPHead(HeadConfig(384, 384, hidden_dim=256, residual=True)).eval()
+    last = [m for m in head.modules() if isinstance(m, torch.nn.Linear)][-1]
+    torch.nn.init.normal_(last.weight, std=0.05)  # a head that is not the identity
+    tower = MiniLMTower()
+    whole = tower.whole_path(head)
+    texts = [
+        "a dog runs on the beach",
+        "a dog running along the sea shore",
+        "a stock market report",
+    ]
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # one batch a call (two threads: a batch each, one call each)
+    try:
+        first = tower.encode(texts, head=head, whole=whole)  # torch, float32; marks the path seen
+        assert not whole.sessions
+        fast = tower.encode(texts, head=head, whole=whole)  # int8 under ONNX Runtime
+        assert whole.sessions and list((tmp_path / "onnx").glob("textpath-*.onnx"))
+        assert fast.shape == (3, 384) and fast.dtype == np.float32
+        np.testing.assert_allclose(np.linalg.norm(fast, axis=1), 1.0, atol=1e-5)
+        cosine = (fast * first).sum(1)
+        assert np.all(cosine > 0.97) and not np.allclose(fast, first, atol=1e-4)
+        assert fast[0] @ fast[1] > fast[0] @ fast[2]  # meaning still decides similarity
+        with float32_only():  # training targets: the float32 path whatever was asked
+            np.testing.assert_allclose(
+                tower.encode(texts, head=head, whole=whole), first, atol=1e-6
+            )
+    finally:
+        torch.set_num_threads(before)
+    # what is exported is what encode computes in torch
+    with torch.inference_mode():
+        eager = TextPath(tower.model, head)(**tower.tokenize(texts)).numpy()
+    np.testing.assert_allclose(eager, first, atol=1e-5)
+    # by default (and with fp32) the torch path: exactly the first call's vectors
+    for choice in ("auto", "fp32"):
+        monkeypatch.setenv(PRECISION_ENV, choice)
+        assert not whole.active
+        np.testing.assert_allclose(tower.encode(texts, head=head, whole=whole), first, atol=1e-6)
