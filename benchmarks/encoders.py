@@ -5,8 +5,10 @@ speech × real time (parallel and cascaded branches), text sentences/s.
 
 Images and text are timed as shipped (on CPUs with AMX the text graph runs in bfloat16; the
 image backbone runs under ONNX Runtime, engine.onnx_graph; the image heads run in int8,
-engine.heads.Int8OnReuse), with torch graphs only (XMODAL_ONNX=0), with float32 graphs and heads
-(XMODAL_PRECISION=fp32), and, as baselines in the same process, with the towers
+engine.heads.Int8OnReuse), with XMODAL_PRECISION=int8 (the opt-in int8 text path under ONNX
+Runtime, engine.text.MiniLMTower.whole_path; images as shipped), with torch graphs only
+(XMODAL_ONNX=0), with float32 graphs and heads (XMODAL_PRECISION=fp32), and, as baselines in
+the same process, with the towers
 eager (XMODAL_EAGER=1, no engine.graph) and eager with all torch threads at every batch size
 (also no engine.threads): the code before those two. Media are generated here (seeded
 smooth-colour JPEGs at 224 px, an espeak-ng clip), so the
@@ -60,14 +62,16 @@ def _timed(fn, n_items: int, seconds: float) -> float:
     return done / (time.perf_counter() - start)
 
 
-def _variants(model, fn, n_items: int, seconds: float) -> tuple[float, float, float, float, float]:
-    """`_timed` as shipped, without ONNX Runtime (torch graphs only, the code before
-    engine.onnx_graph), with float32 graphs and heads, then with every tower eager, then eager
-    with all torch threads at every batch size (the code before engine.graph and
-    engine.threads)."""
+def _variants(model, fn, n_items: int, seconds: float) -> tuple[float, ...]:
+    """`_timed` as shipped, with XMODAL_PRECISION=int8, without ONNX Runtime (torch graphs
+    only, the code before engine.onnx_graph), with float32 graphs and heads, then with every
+    tower eager, then eager with all torch threads at every batch size (the code before
+    engine.graph and engine.threads)."""
 
     def retrace() -> None:
         model.text_tower.graph.reset()
+        if model._text_whole is not None:
+            model._text_whole.reset()
         model.image_backbone.graph.reset()
         model.image_backbone.onnx.reset()
 
@@ -75,6 +79,9 @@ def _variants(model, fn, n_items: int, seconds: float) -> tuple[float, float, fl
     shipped = _timed(fn, n_items, seconds)
     small = engine.threads.SMALL_BATCH
     try:
+        os.environ[PRECISION_ENV] = "int8"
+        int8 = _timed(fn, n_items, seconds)
+        os.environ.pop(PRECISION_ENV)
         os.environ[ONNX_ENV] = "0"
         retrace()
         torch_graphs = _timed(fn, n_items, seconds)
@@ -85,7 +92,7 @@ def _variants(model, fn, n_items: int, seconds: float) -> tuple[float, float, fl
         os.environ[ENV_SWITCH] = "1"
         eager = _timed(fn, n_items, seconds)
         engine.threads.SMALL_BATCH = 0
-        return shipped, torch_graphs, fp32, eager, _timed(fn, n_items, seconds)
+        return shipped, int8, torch_graphs, fp32, eager, _timed(fn, n_items, seconds)
     finally:
         os.environ.pop(ONNX_ENV, None)
         os.environ.pop(ENV_SWITCH, None)
@@ -147,6 +154,7 @@ def main() -> None:
                         None,
                         None,
                         None,
+                        None,
                         "≥ 8 (parallel)",
                     )
                 )
@@ -155,16 +163,16 @@ def main() -> None:
             rates = _variants(model, lambda b=batch: model.embed_text(b), bs, args.seconds)
             rows.append(("text sentences/s", bs, *rates, "≥ 300"))
     header = (
-        "| what | batch | shipped | torch graphs (no ONNX Runtime) | × torch graphs "
-        "| float32 graphs and heads | eager | eager, all threads | × eager, all threads "
-        "| target |\n|---|---|---|---|---|---|---|---|---|---|\n"
+        "| what | batch | shipped | XMODAL_PRECISION=int8 | × shipped | torch graphs (no ONNX "
+        "Runtime) | × torch graphs | float32 graphs and heads | eager | eager, all threads "
+        "| × eager, all threads | target |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     table = header + "".join(
-        f"| {w} | {b} | {r:.1f} | {g:.1f} | {r / g:.2f} | {f:.1f} | {e:.1f} | {p:.1f} "
-        f"| {r / p:.2f} | {t} |\n"
+        f"| {w} | {b} | {r:.1f} | {i:.1f} | {i / r:.2f} | {g:.1f} | {r / g:.2f} | {f:.1f} "
+        f"| {e:.1f} | {p:.1f} | {r / p:.2f} | {t} |\n"
         if e
-        else f"| {w} | {b} | {r:.1f} | - | - | - | - | - | - | {t} |\n"
-        for w, b, r, g, f, e, p, t in rows
+        else f"| {w} | {b} | {r:.1f} | - | - | - | - | - | - | - | - | {t} |\n"
+        for w, b, r, i, g, f, e, p, t in rows
     )
     print(table)
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
