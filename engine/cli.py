@@ -35,10 +35,13 @@ class _XmodalGroup(click.Group):
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 def main(verbose: int) -> None:
     """xmodal: search photos, speech and text with any of them, offline."""
+    from engine.config import check_settings
+
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(
         level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    check_settings()  # a mistyped XMODAL_* stops here, not after an hour of indexing
 
 
 INDEX_DIR = click.Path(exists=True, file_okay=False, path_type=str)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.errors import ModelError
+from engine.errors import ModelError, SettingError
 
 BUNDLE_VERSION = 1  # bumped when the bundle layout changes incompatibly
 CONFIG_FILE = "config.json"
@@ -18,6 +19,38 @@ IMAGE_BACKBONES = ("efficientnet-lite0",)
 SPEECH_BRANCHES = ("cascaded", "parallel", "fused")
 WEIGHTINGS = ("uniform", "posterior")  # of the n-best transcripts in the cascaded vector
 MAX_IMAGE_HEADS = 16
+
+PRECISION_ENV = "XMODAL_PRECISION"
+PRECISIONS = ("auto", "fp32", "bf16", "int8")  # see engine.graph
+THREADS_ENV = "XMODAL_THREADS"  # Whisper workers, see engine.speech
+
+
+def precision_setting() -> str:
+    """`XMODAL_PRECISION` (default auto), lower-cased; `SettingError` if unknown."""
+    choice = os.environ.get(PRECISION_ENV, "auto").strip().lower() or "auto"
+    if choice not in PRECISIONS:
+        raise SettingError(
+            f"{PRECISION_ENV} must be one of {', '.join(PRECISIONS)}, not {choice!r}"
+        )
+    return choice
+
+
+def threads_setting() -> int:
+    """`XMODAL_THREADS` as a count, 0 when unset (choose for me); `SettingError` if not one."""
+    raw = os.environ.get(THREADS_ENV, "").strip()
+    if not raw:
+        return 0
+    if not raw.isdigit():
+        raise SettingError(
+            f"{THREADS_ENV} must be a whole number of threads (0: automatic), not {raw!r}"
+        )
+    return int(raw)
+
+
+def check_settings() -> None:
+    """Raise `SettingError` for the first unknown `XMODAL_*` value, before any work starts."""
+    precision_setting()
+    threads_setting()
 
 
 @dataclass(frozen=True)

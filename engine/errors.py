@@ -28,3 +28,7 @@ class IndexStateError(XmodalError):
 
 class QueryError(XmodalError):
     """A query is empty, unreadable, or asks for something the index cannot answer."""
+
+
+class SettingError(XmodalError, ValueError):
+    """An `XMODAL_*` environment variable holds a value xmodal does not understand."""

@@ -41,11 +41,11 @@ from typing import Any
 
 import torch
 
+from engine.config import PRECISION_ENV, precision_setting  # noqa: F401 - PRECISION_ENV: also read here
+
 log = logging.getLogger(__name__)
 
 ENV_SWITCH = "XMODAL_EAGER"  # set to 1 to run every tower eagerly (debugging, comparisons)
-PRECISION_ENV = "XMODAL_PRECISION"
-PRECISIONS = ("auto", "fp32", "bf16", "int8")
 
 
 _float32_only = 0  # > 0 inside `float32_only()`
@@ -68,10 +68,7 @@ def precision() -> str:
     inside `float32_only()`."""
     if _float32_only:
         return "fp32"
-    choice = os.environ.get(PRECISION_ENV, "auto").lower()
-    if choice not in PRECISIONS:
-        raise ValueError(f"{PRECISION_ENV} must be one of {', '.join(PRECISIONS)}, not {choice!r}")
-    return choice
+    return precision_setting()
 
 
 def bf16_graphs() -> bool:

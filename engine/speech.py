@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.config import threads_setting
 from engine.errors import ModelError
 from engine.media import SAMPLE_RATE, rms
 
@@ -287,7 +288,7 @@ class Whisper:
         from transformers import WhisperFeatureExtractor
 
         path = prepare_whisper(model_dir, adapter=adapter)
-        threads = threads or int(os.environ.get("XMODAL_THREADS", 0)) or min(_usable_cpus(), 4)
+        threads = threads or threads_setting() or min(_usable_cpus(), 4)
         self.workers = threads
         self.model = ctranslate2.models.Whisper(
             str(path), device="cpu", compute_type="int8", inter_threads=threads, intra_threads=1

@@ -54,3 +54,32 @@ def test_missing_and_broken_files(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"dim": 3}))
     with pytest.raises(ModelError, match="malformed"):
         ModelConfig.load(tmp_path)
+
+
+def test_unknown_settings_are_clear_errors_before_any_work(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from engine.cli import main
+    from engine.config import check_settings, precision_setting, threads_setting
+    from engine.errors import SettingError
+
+    monkeypatch.delenv("XMODAL_PRECISION", raising=False)
+    monkeypatch.delenv("XMODAL_THREADS", raising=False)
+    check_settings()
+    assert precision_setting() == "auto" and threads_setting() == 0
+    monkeypatch.setenv("XMODAL_PRECISION", " INT8 ")
+    monkeypatch.setenv("XMODAL_THREADS", "3")
+    assert precision_setting() == "int8" and threads_setting() == 3
+    monkeypatch.setenv("XMODAL_PRECISION", "int4")
+    with pytest.raises(
+        SettingError, match="XMODAL_PRECISION must be one of auto, fp32, bf16, int8"
+    ):
+        check_settings()
+    monkeypatch.setenv("XMODAL_PRECISION", "fp32")
+    monkeypatch.setenv("XMODAL_THREADS", "two")
+    with pytest.raises(SettingError, match="XMODAL_THREADS must be a whole number"):
+        check_settings()
+    # the command line stops at once with one line, before it looks at its arguments' work
+    out = CliRunner().invoke(main, ["search", "--index", str(tmp_path), "--text", "a dog"])
+    assert out.exit_code == 2 and "error: XMODAL_THREADS must be a whole number" in out.output
+    assert "Traceback" not in out.output
