@@ -27,6 +27,7 @@ from engine.heads import HeadEnsemble, Int8OnReuse, MLPHead, SpeechHead, lengths
 from engine.hubness import HUBNESS_FILE, HubBank
 from engine.media import SAMPLE_RATE
 from engine.speech import WhisperAdapter
+from engine.text import text_variant
 from engine.threads import SMALL_BATCH, one_thread_each, threads_for
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ class AlignedModel:
         fingerprint: str,
         hub: HubBank | None = None,
         whisper_adapter: WhisperAdapter | None = None,
+        text_scales: dict[str, torch.Tensor] | None = None,
     ) -> None:
         if (config.hubness is None) != (hub is None):
             raise ModelError("config.hubness and the hubness banks must come together")
@@ -97,6 +99,7 @@ class AlignedModel:
         self.heads = heads
         self.hub = hub
         self.whisper_adapter = whisper_adapter
+        self.text_scales = text_scales  # SmoothQuant scales for XMODAL_PRECISION=int8, optional
         for head in heads.values():
             head.eval().requires_grad_(False)
 
@@ -147,16 +150,15 @@ class AlignedModel:
     def _text_vectors(self, texts: list[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), np.float32)
+        whole = self._text_whole if text_variant() else None  # made when first asked for
         with threads_for(len(texts)):
-            return self.text_tower.encode(
-                texts, head=self.heads.get("text"), whole=self._text_whole
-            )
+            return self.text_tower.encode(texts, head=self.heads.get("text"), whole=whole)
 
     @cached_property
     def _text_whole(self):
-        """The text path in int8 under ONNX Runtime while `XMODAL_PRECISION=int8`
+        """The text path in int8 under ONNX Runtime for `XMODAL_PRECISION=int8`
         (`MiniLMTower.whole_path`), or None (a tower without one)."""
-        return self.text_tower.whole_path(self.heads.get("text"))
+        return self.text_tower.whole_path(self.heads.get("text"), self.text_scales)
 
     def embed_image_features(self, features: np.ndarray) -> np.ndarray:
         """Pooled backbone features `(n, in_dim)` → `(n, dim)` float32, L2-normalized.
@@ -330,6 +332,10 @@ class AlignedModel:
             self.whisper_adapter.save(bundle_dir)  # after config.json, whose mode it copies
         else:
             (bundle_dir / WhisperAdapter.FILE).unlink(missing_ok=True)
+        if self.text_scales is not None:
+            save_text_scales(bundle_dir, self.text_scales)
+        else:  # scales of other text weights would be wrong for these
+            (bundle_dir / TEXT_SCALES_FILE).unlink(missing_ok=True)
         if sorted(self.heads) != sorted(head_names(self.config)):
             raise ModelError(
                 f"heads {sorted(self.heads)} do not match the config's {head_names(self.config)}"
@@ -469,4 +475,39 @@ def load_model(name_or_path: str | Path = DEFAULT_MODEL) -> AlignedModel:
         fingerprint=bundle_fingerprint(bundle_dir),
         hub=hub,
         whisper_adapter=adapter,
+        text_scales=load_text_scales(bundle_dir),
     )
+
+
+TEXT_SCALES_FILE = "text_int8_scales.safetensors"
+
+
+def save_text_scales(bundle_dir: str | Path, scales: dict[str, torch.Tensor]) -> None:
+    """Write the text path's SmoothQuant scales (`engine.text.smoothing_scales`) into a bundle.
+    Not part of the fingerprint: they change only the opt-in int8 path's vectors."""
+    from safetensors.torch import save_file
+
+    path = Path(bundle_dir) / TEXT_SCALES_FILE
+    partial = path.with_name(f".{path.name}.{os.getpid()}.part")
+    try:
+        save_file({k: v.float().contiguous() for k, v in scales.items()}, str(partial))
+        config = path.with_name(CONFIG_FILE)
+        if config.exists():  # the bundle's file mode, as its other files
+            os.chmod(partial, stat.S_IMODE(config.stat().st_mode))
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def load_text_scales(bundle_dir: str | Path) -> dict[str, torch.Tensor] | None:
+    """A bundle's text SmoothQuant scales, or None if it has none."""
+    from safetensors.torch import load_file
+
+    path = Path(bundle_dir) / TEXT_SCALES_FILE
+    if not path.is_file():
+        return None
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - a bad file: the int8 path runs without them
+        log.warning("%s: unreadable, the int8 text path runs without it (%s)", path, exc)
+        return None

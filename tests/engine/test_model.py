@@ -427,3 +427,24 @@ def test_image_head_ensemble_bundle_round_trips_and_checks_its_count(tmp_path):
     (tmp_path / "b" / "config.json").write_text(json.dumps(raw))
     with pytest.raises(ModelError, match="do not match config.json for the image head"):
         load_model(tmp_path / "b")
+
+
+def test_text_scales_travel_with_the_bundle_but_not_its_fingerprint(bundle, tmp_path):
+    from engine.model import TEXT_SCALES_FILE
+
+    model = load_model(bundle)
+    assert model.text_scales is None
+    scales = {"encoder.layer.0.attention.self.query": torch.rand(384) + 0.5}
+    model.text_scales = scales
+    model.save(tmp_path)
+    again = load_model(tmp_path)
+    assert again.fingerprint == model.fingerprint  # only the opt-in int8 path's vectors change
+    assert set(again.text_scales) == set(scales)
+    torch.testing.assert_close(again.text_scales["encoder.layer.0.attention.self.query"],
+                               scales["encoder.layer.0.attention.self.query"])  # fmt: skip
+    mode = stat.S_IMODE((tmp_path / TEXT_SCALES_FILE).stat().st_mode)
+    assert mode == stat.S_IMODE((tmp_path / "config.json").stat().st_mode)
+    # saved without scales (e.g. retrained text weights): the stale file goes
+    again.text_scales = None
+    again.save(tmp_path)
+    assert not (tmp_path / TEXT_SCALES_FILE).exists() and load_model(tmp_path).text_scales is None

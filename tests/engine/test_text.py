@@ -170,3 +170,50 @@ def test_whole_text_path_runs_in_int8_when_asked_from_the_second_call(tmp_path, 
         monkeypatch.setenv(PRECISION_ENV, choice)
         assert not whole.active
         np.testing.assert_allclose(tower.encode(texts, head=head, whole=whole), first, atol=1e-6)
+
+
+def test_smoothing_keeps_the_float32_function_and_helps_int8(tmp_path, monkeypatch):
+    import torch
+
+    from engine.errors import ModelError
+    from engine.graph import PRECISION_ENV
+    from engine.text import MiniLMTower, TextPath, smoothing_scales
+
+    monkeypatch.setenv("XMODAL_CACHE", str(tmp_path))
+    monkeypatch.setenv(PRECISION_ENV, "int8")
+    monkeypatch.delenv("XMODAL_ONNX", raising=False)
+    tower = MiniLMTower()
+    calibration = [
+        "a dog runs along the beach",
+        "two children play football in a park",
+        "a man in a red jacket climbs a snowy mountain",
+        "Remember to buy milk, eggs and bread on the way home.",
+        "The train to Berlin leaves at 7:45 from platform 3.",
+        "a black and white dog catches a frisbee in mid-air",
+    ]
+    scales = smoothing_scales(tower.model, [tower.tokenize(calibration)])
+    assert len(scales) == 36 and scales["encoder.layer.0.output.dense"].shape == (1536,)
+    texts = [
+        "a girl in a blue dress jumps into a swimming pool",
+        "quarterly sales rose while costs stayed flat",
+        "an old car is parked in front of a house at night",
+        "three horses graze in a green field",
+    ]
+    tokens = tower.tokenize(texts)
+    with torch.inference_mode():
+        plain = TextPath(tower.model, None)(**tokens)
+        smooth = TextPath(tower.model, None, scales)(**tokens)
+    torch.testing.assert_close(smooth, plain, atol=2e-5, rtol=1e-4)  # same function in float32
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cosines = []
+        for path in (tower.whole_path(None), tower.whole_path(None, scales)):
+            path(*tokens.values())  # first call: seen
+            int8 = path(*tokens.values())
+            cosines.append(float((int8 * plain).sum(1).min()))
+    finally:
+        torch.set_num_threads(before)
+    assert cosines[1] > cosines[0] and cosines[1] > 0.99, cosines
+    with pytest.raises(ModelError, match="do not fit"):
+        TextPath(tower.model, None, {"encoder.layer.0.output.dense": torch.ones(384)})
