@@ -70,8 +70,9 @@ def _variants(model, fn, n_items: int, seconds: float) -> tuple[float, ...]:
 
     def retrace() -> None:
         model.text_tower.graph.reset()
-        if model._text_whole is not None:
-            model._text_whole.reset()
+        whole = model.__dict__.get("_text_whole")  # the int8 text path, once made
+        if whole is not None:
+            whole.reset()
         model.image_backbone.graph.reset()
         model.image_backbone.onnx.reset()
 
