@@ -104,6 +104,17 @@ def read_manifest(path: str | Path, *, check_media: bool = False) -> Manifest:
     return Manifest(path, tuple(rows), tuple(problems), has_audio_column="audio" in header)
 
 
+def unquote(field: str) -> str:
+    """A field quoted whole by a CSV writer (`"…"`, inner quotes doubled: what Python's csv
+    module or pandas write for a caption holding a quote) → its text; any other field as it is.
+    Manifests are read one row a line without quoting, so a caption may hold a lone `"`; only a
+    field quoted whole, with every inner quote doubled, is undone."""
+    text = field.strip()
+    if len(text) >= 2 and text[0] == text[-1] == '"' and '"' not in text[1:-1].replace('""', ""):
+        return text[1:-1].replace('""', '"')
+    return field
+
+
 def _read_tsv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     try:
         with path.open(encoding=f"{ENCODING}-sig", newline="") as fh:
@@ -135,7 +146,7 @@ def _parse_row(
     if len(fields) > len(header):
         reason = f"{len(fields)} fields for {len(header)} columns (a tab inside a caption?)"
         return None, [ManifestProblem(line, "row", reason)]
-    values = dict(zip(header, [f.strip() for f in fields], strict=False))
+    values = dict(zip(header, [unquote(f).strip() for f in fields], strict=False))
     image_value, caption = values.get("image", ""), values.get("caption", "")
     if not image_value:
         return None, [ManifestProblem(line, "image", "empty image path")]

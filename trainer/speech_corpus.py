@@ -35,6 +35,7 @@ import numpy as np
 
 from engine.errors import XmodalError
 from engine.media import SAMPLE_RATE, rms
+from trainer.manifest import unquote
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +192,7 @@ def read_captions(manifest: Path) -> list[tuple[str, str]]:
                 f"{manifest}: header lacks {sorted(missing)}; expected a TSV with columns "
                 f"image, caption (optional audio), got {reader.fieldnames}"
             )
-        return [(row["image"] or "", row["caption"] or "") for row in reader]
+        return [(unquote(row["image"] or ""), unquote(row["caption"] or "")) for row in reader]
 
 
 def select_rows(

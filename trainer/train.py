@@ -55,7 +55,7 @@ from trainer.features import (
     text_hidden,
 )
 from trainer.losses import DistillLoss, info_nce
-from trainer.manifest import read_manifest
+from trainer.manifest import read_manifest, unquote
 
 log = logging.getLogger(__name__)
 
@@ -389,7 +389,11 @@ def read_speech_pairs(path: Path) -> tuple[list[str], list[str]]:
         reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         if not {"audio", "caption"} <= set(reader.fieldnames or ()):
             raise XmodalError(f"{path}: a speech manifest needs the columns 'audio' and 'caption'")
-        rows = [(r["audio"], r["caption"]) for r in reader if r.get("audio") and r.get("caption")]
+        rows = [
+            (unquote(r["audio"]), unquote(r["caption"]))
+            for r in reader
+            if r.get("audio") and r.get("caption")
+        ]
     audios = [str((folder / a).resolve()) for a, _ in rows]
     return audios, [c for _, c in rows]
 

@@ -232,3 +232,28 @@ def test_convert_flickr8k_can_keep_the_first_images(tmp_path: Path):
     source = _flickr_fixture(tmp_path / "flickr8k")
     manifest = convert_flickr8k(source, tmp_path / "small.tsv", max_images=2)
     assert [r.image.name for r in manifest.rows] == ["1_a.jpg", "1_a.jpg", "2_b.jpg", "2_b.jpg"]
+
+
+def test_fields_quoted_by_a_csv_writer_read_as_their_text(media: Path):
+    import csv
+
+    from trainer.manifest import unquote
+    from trainer.speech_corpus import read_captions
+
+    path = media / "quoted.tsv"
+    with path.open("w", newline="", encoding="utf-8") as fh:  # Python's (and pandas') quoting
+        writer = csv.writer(fh, delimiter="\t", lineterminator="\n")
+        writer.writerow(["image", "caption"])
+        writer.writerow(["img/a.png", 'A sign that says " HELL " .'])
+        writer.writerow(["img/b.png", '"Stop" says the sign'])
+    with path.open("a", encoding="utf-8") as fh:  # written by hand: a lone quote stays
+        fh.write('img/b.png\tA man says " hi\n')
+    rows = read_manifest(path).rows
+    assert [r.caption for r in rows] == [
+        'A sign that says " HELL " .',
+        '"Stop" says the sign',
+        'A man says " hi',
+    ]
+    assert [c for _, c in read_captions(path)] == [r.caption for r in rows]
+    assert unquote('"a ""b"" c"') == 'a "b" c' and unquote('"a" and "b"') == '"a" and "b"'
+    assert unquote("plain") == "plain" and unquote('"') == '"'
