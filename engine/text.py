@@ -123,9 +123,10 @@ class MiniLMTower:
         with `scales` (`TextPath`) if given. Call again after `use_top_layers`.
 
         Opt-in, because it costs some recall. The default model's text path (MiniLM, its 2 tuned
-        layers, the text head) on the 2-core AMD EPYC VM (AVX2, no AVX-512 or AMX), 13th
+        layers, the text head) on a 2-core AMD EPYC VM with AVX-512 VNNI (Zen 4; no AMX), 13th
         session: ~2.5x the sentences per second of the torch graph at batch 1 and 32 (300-400
-        against 113-140 at batch 1, 740-820 against 310-350 at batch 32, same process). Without
+        against 113-140 at batch 1, 740-820 against 310-350 at batch 32, same process); not
+        measured on the AVX2-only EPYC of earlier sessions, where int8 should gain less. Without
         scales the int8 vectors were within cosine 0.988 (1st percentile) / 0.993 (median) of
         float32's on 2,000 training captions, and dev text -> image R@1 fell from 28.60 to
         27.92 (model card, "int8 text path"); with the bundle's scales (calibrated on 512
