@@ -57,6 +57,25 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile")  # what moves our kernels
+
+
+def cpu_family() -> str:
+    """Family/model and the vector flags that change which kernels run (int8 ones above all),
+    from /proc/cpuinfo: "AMD EPYC" alone names CPUs with and without AVX-512."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "flags unknown"
+    fields = dict(
+        (k.strip(), v.strip())
+        for k, _, v in (line.partition(":") for line in info.split("\n\n")[0].splitlines())
+    )
+    flags = set(fields.get("flags", "").split())
+    have = "/".join(f for f in ISA_FLAGS if f in flags) or "none of " + "/".join(ISA_FLAGS)
+    return f"family {fields.get('cpu family', '?')} model {fields.get('model', '?')}, {have}"
+
+
 def load_average() -> str:
     """1, 5 and 15 minute load averages, e.g. "1.95 2.10 2.40"."""
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -82,7 +101,8 @@ def machine_line() -> str:
     """One line naming the machine, its cores, memory, current load and reference speed."""
     mem = os.sysconf("SC_PHYS_PAGES") * PAGE / 2**30
     return (
-        f"{platform.node()}, {cpu_model()}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, "
+        f"{platform.node()}, {cpu_model()} ({cpu_family()}), {os.cpu_count()} cores, "
+        f"{mem:.0f} GiB RAM, "
         f"Python {platform.python_version()}, load average {load_average()}, "
         f"reference loop {reference_ms():.1f} ms (`_common.reference_ms`; lower = faster state)"
     )

@@ -34,7 +34,7 @@ import engine.threads  # noqa: E402 - imports engine first: the product's OpenMP
 # isort: split
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from _common import reference_ms  # noqa: E402 - benchmarks/ is this script's folder
+from _common import cpu_family, reference_ms  # noqa: E402 - benchmarks/ is this script's folder
 from PIL import Image  # noqa: E402
 
 from engine.graph import ENV_SWITCH, PRECISION_ENV, bf16_graphs  # noqa: E402
@@ -181,7 +181,7 @@ def main() -> None:
         f.write(
             f"\n## Encoder speed — {stamp}\n`python benchmarks/encoders.py --model {args.model} "
             f"--seconds {args.seconds}` on {platform.node()} ({torch.get_num_threads()} torch threads, "
-            f"{platform.processor() or platform.machine()}; shipped = text graphs in "
+            f"{platform.processor() or platform.machine()}, {cpu_family()}; shipped = text graphs in "
             f"{'bfloat16' if bf16_graphs() else 'float32'}, image graphs in float32; reference "
             f"loop {reference_ms():.1f} ms, see benchmarks/_common.py)\n\n{table}"
         )
