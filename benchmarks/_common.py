@@ -46,15 +46,20 @@ import engine  # noqa: E402, F401 - the product's OpenMP settings, before torch 
 # ---- machine and results ---------------------------------------------------------------------
 
 
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
+    try:
+        block = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+    except OSError:
+        return {}
+    return {
+        k.strip(): v.strip() for k, _, v in (line.partition(":") for line in block.splitlines())
+    }
+
+
 def cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo, or the platform's guess."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
 
 
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile")  # what moves our kernels
@@ -63,14 +68,9 @@ ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile")  # what m
 def cpu_family() -> str:
     """Family/model and the vector flags that change which kernels run (int8 ones above all),
     from /proc/cpuinfo: "AMD EPYC" alone names CPUs with and without AVX-512."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
+    fields = _cpuinfo()
+    if not fields:
         return "flags unknown"
-    fields = dict(
-        (k.strip(), v.strip())
-        for k, _, v in (line.partition(":") for line in info.split("\n\n")[0].splitlines())
-    )
     flags = set(fields.get("flags", "").split())
     have = "/".join(f for f in ISA_FLAGS if f in flags) or "none of " + "/".join(ISA_FLAGS)
     return f"family {fields.get('cpu family', '?')} model {fields.get('model', '?')}, {have}"
