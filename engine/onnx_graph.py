@@ -27,6 +27,7 @@ turns it off. Use under `torch.inference_mode()`; call `reset()` after changing 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -169,8 +170,9 @@ class OnnxGraph:
         fixed = [tuple(s for i, s in enumerate(x.shape) if i not in self.dynamic) for x in example]
         shapes = fixed[0] if len(fixed) == 1 else fixed  # one input: the name exports had before
         tag = f"{weights_digest(self.module)} {shapes} {torch.__version__}"
+        reduce_range = k[1] == "int8" and not vnni()
         if k[1] == "int8":
-            tag += f" int8 {INT8_RECIPE}"
+            tag += f" int8 {INT8_RECIPE}" + (" reduce-range" if reduce_range else "")
         name = f"{self._name.lower()}-{hashlib.sha256(tag.encode()).hexdigest()[:16]}.onnx"
         path = cache_root() / "onnx" / name
         if path.is_file():
@@ -189,7 +191,7 @@ class OnnxGraph:
                     opset_version=OPSET, dynamo=False,
                 )  # fmt: skip
             if k[1] == "int8":
-                _quantize(partial)
+                _quantize(partial, reduce_range=reduce_range)
             os.replace(partial, path)
         finally:
             partial.unlink(missing_ok=True)
@@ -208,15 +210,41 @@ class _NoPreprocessHint(logging.Filter):
         return "pre-processing before quantization" not in record.getMessage()
 
 
-def _quantize(path: Path) -> None:
-    """Replace the float32 ONNX file `path` with its dynamically quantized copy."""
+CPUINFO = Path("/proc/cpuinfo")
+
+
+@functools.cache
+def vnni() -> bool:
+    """Whether this CPU multiplies int8 without saturating: an x86 CPU with AVX-512 VNNI or AVX
+    VNNI (Linux's /proc/cpuinfo), or not x86 at all. Without VNNI, ONNX Runtime's u8 x s8
+    kernels add pairs of products in 16 bits, which two full-range 8-bit weights can overflow;
+    its quantizer's advice there is 7-bit weights (`reduce_range`), which `_quantize` follows."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return True
+    try:
+        text = CPUINFO.read_text(errors="replace")
+    except OSError:
+        return False  # an x86 CPU we cannot ask: assume the older kind
+    flags = next(
+        (ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []
+    )
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+def _quantize(path: Path, *, reduce_range: bool = False) -> None:
+    """Replace the float32 ONNX file `path` with its dynamically quantized copy (7-bit weights
+    with `reduce_range`, for CPUs without VNNI: `vnni`)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     out = path.with_name(path.name + ".int8")
     hint = _NoPreprocessHint()  # quantize_dynamic suggests a pass that we measured no need for
     logging.getLogger().addFilter(hint)
     try:
-        quantize_dynamic(path, out, weight_type=QuantType.QInt8, per_channel=True)
+        quantize_dynamic(
+            path, out, weight_type=QuantType.QInt8, per_channel=True, reduce_range=reduce_range
+        )
         os.replace(out, path)
     finally:
         logging.getLogger().removeFilter(hint)

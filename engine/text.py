@@ -132,7 +132,10 @@ class MiniLMTower:
         27.92 (model card, "int8 text path"); with the bundle's scales (calibrated on 512
         training captions, `scripts/text_int8_scales.py`) 0.9955 / 0.9980, and text -> image
         R@1 on the 300 training photos the trainer holds out 44.80 against float32's 45.07
-        (44.53 without scales); not yet measured on dev. Keeping the FFN output matmuls in
+        (44.53 without scales); not yet measured on dev. On x86 CPUs without VNNI the export
+        takes 7-bit weights (`engine.onnx_graph.vnni`): 0.9941 / 0.9969 and 45.13, measured on
+        the VNNI CPU (products of 7-bit weights are exact on either kind); its speed there is
+        unmeasured. Keeping the FFN output matmuls in
         float32 instead gave cosine 0.996 at ~225 sentences/s at batch 1; ONNX Runtime in
         float32 gave 1.1-1.2x at batch 1 and ~1.05x at batch 32, too little for a 93 MB export.
         """

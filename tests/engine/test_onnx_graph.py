@@ -148,3 +148,60 @@ def test_int8_variant_of_several_inputs_any_batch_and_length(cache):
         mode["now"] = "int8"
         assert graph.active
         torch.testing.assert_close(graph(ids, mask), int8)  # the session kept
+
+
+def _int8_weight_range(path) -> tuple[int, int]:
+    import onnx
+    from onnx import numpy_helper
+
+    weights = [
+        numpy_helper.to_array(t)
+        for t in onnx.load(str(path)).graph.initializer
+        if t.data_type == onnx.TensorProto.INT8
+    ]
+    assert weights
+    return min(int(w.min()) for w in weights), max(int(w.max()) for w in weights)
+
+
+def test_int8_weights_take_7_bits_on_a_cpu_without_vnni(cache, monkeypatch):
+    net = Tokens().eval()
+    ids = torch.randint(1, 50, (4, 9))
+    mask = torch.ones(4, 9, dtype=torch.long)
+    outputs, files = {}, {}
+    for has_vnni in (True, False):
+        monkeypatch.setattr(onnx_graph, "vnni", lambda v=has_vnni: v)
+        graph = OnnxGraph(
+            net, key=lambda *xs: None, inputs=("ids", "mask"), dynamic=(0, 1),
+            variant=lambda: "int8",
+        )  # fmt: skip
+        with torch.inference_mode():
+            assert graph(ids, mask) is None
+            outputs[has_vnni] = graph(ids, mask)
+        (files[has_vnni],) = graph.files.values()
+    assert files[True] != files[False]  # a recipe of its own, a file of its own
+    assert _int8_weight_range(files[True]) == (-127, 127)  # per channel: each row's peak is ±127
+    low, high = _int8_weight_range(files[False])
+    assert low >= -64 and high <= 64 and high - low > 100  # 7 bits, used whole
+    with torch.inference_mode():
+        ref = net(ids, mask)
+    for out in outputs.values():
+        assert 0 < (out - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_vnni_reads_the_cpu_flags(monkeypatch, tmp_path):
+    import platform
+
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    assert onnx_graph.vnni()  # not x86: no u8 x s8 saturation to avoid
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    cpuinfo = tmp_path / "cpuinfo"
+    monkeypatch.setattr(onnx_graph, "CPUINFO", cpuinfo)
+    for flags, expected in (("fpu avx2 fma", False), ("avx2 avx512f avx512_vnni", True),
+                            ("avx2 avx_vnni", True)):  # fmt: skip
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
+        onnx_graph.vnni.cache_clear()
+        assert onnx_graph.vnni() is expected
+    cpuinfo.unlink()
+    onnx_graph.vnni.cache_clear()
+    assert not onnx_graph.vnni()  # an x86 CPU that cannot be asked: the safe recipe
+    onnx_graph.vnni.cache_clear()
