@@ -150,7 +150,8 @@ class AlignedModel:
     def _text_vectors(self, texts: list[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), np.float32)
-        whole = self._text_whole if text_variant() else None  # made when first asked for
+        smoothed = bool(self.text_scales)
+        whole = self._text_whole if text_variant(smoothed=smoothed) else None  # made when asked
         with threads_for(len(texts)):
             return self.text_tower.encode(texts, head=self.heads.get("text"), whole=whole)
 

@@ -170,7 +170,7 @@ class OnnxGraph:
         fixed = [tuple(s for i, s in enumerate(x.shape) if i not in self.dynamic) for x in example]
         shapes = fixed[0] if len(fixed) == 1 else fixed  # one input: the name exports had before
         tag = f"{weights_digest(self.module)} {shapes} {torch.__version__}"
-        reduce_range = k[1] == "int8" and not vnni()
+        reduce_range = k[1] == "int8" and int8_cpu() == "x86"
         if k[1] == "int8":
             tag += f" int8 {INT8_RECIPE}" + (" reduce-range" if reduce_range else "")
         name = f"{self._name.lower()}-{hashlib.sha256(tag.encode()).hexdigest()[:16]}.onnx"
@@ -214,28 +214,30 @@ CPUINFO = Path("/proc/cpuinfo")
 
 
 @functools.cache
-def vnni() -> bool:
-    """Whether this CPU multiplies int8 without saturating: an x86 CPU with AVX-512 VNNI or AVX
-    VNNI (Linux's /proc/cpuinfo), or not x86 at all. Without VNNI, ONNX Runtime's u8 x s8
-    kernels add pairs of products in 16 bits, which two full-range 8-bit weights can overflow;
-    its quantizer's advice there is 7-bit weights (`reduce_range`), which `_quantize` follows."""
+def int8_cpu() -> str:
+    """What this CPU does with int8 matmuls: "vnni" (x86 with AVX-512 VNNI or AVX VNNI, read
+    from Linux's /proc/cpuinfo), "x86" (x86 without, or one that cannot be asked) or "other".
+
+    Without VNNI, ONNX Runtime's u8 x s8 kernels add pairs of products in 16 bits, which
+    full-range 8-bit weights can overflow; its quantizer's advice there is 7-bit weights
+    (`reduce_range`), which int8 exports on "x86" take."""
     import platform
 
     if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
-        return True
+        return "other"
     try:
         text = CPUINFO.read_text(errors="replace")
     except OSError:
-        return False  # an x86 CPU we cannot ask: assume the older kind
+        return "x86"  # an x86 CPU we cannot ask: assume the older kind
     flags = next(
         (ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []
     )
-    return "avx512_vnni" in flags or "avx_vnni" in flags
+    return "vnni" if "avx512_vnni" in flags or "avx_vnni" in flags else "x86"
 
 
 def _quantize(path: Path, *, reduce_range: bool = False) -> None:
     """Replace the float32 ONNX file `path` with its dynamically quantized copy (7-bit weights
-    with `reduce_range`, for CPUs without VNNI: `vnni`)."""
+    with `reduce_range`, for x86 CPUs without VNNI: `int8_cpu`)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     out = path.with_name(path.name + ".int8")

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from engine.embedder import l2_normalize
 from engine.errors import ModelError
 from engine.graph import InferenceGraph, precision
-from engine.onnx_graph import OnnxGraph
+from engine.onnx_graph import OnnxGraph, int8_cpu
 from engine.threads import one_thread_each
 
 log = logging.getLogger(__name__)
@@ -119,39 +119,44 @@ class MiniLMTower:
         self, head: torch.nn.Module | None, scales: dict[str, torch.Tensor] | None = None
     ) -> OnnxGraph:
         """`encode`'s `whole` for `head`: this tower and the head in one int8 ONNX Runtime graph,
-        run from its second call on while `XMODAL_PRECISION=int8` (`text_variant`), smoothed
-        with `scales` (`TextPath`) if given. Call again after `use_top_layers`.
+        smoothed with `scales` (`TextPath`) if given, run from its second call on when
+        `text_variant` says so: by default on x86 CPUs with VNNI if there are scales, and
+        anywhere with `XMODAL_PRECISION=int8`. Call again after `use_top_layers`.
 
-        Opt-in, because it costs some recall. The default model's text path (MiniLM, its 2 tuned
-        layers, the text head) on a 2-core AMD EPYC VM with AVX-512 VNNI (Zen 4; no AMX), 13th
-        session: ~2.5x the sentences per second of the torch graph at batch 1 and 32 (300-400
-        against 113-140 at batch 1, 740-820 against 310-350 at batch 32, same process); not
-        measured on the AVX2-only EPYC of earlier sessions, where int8 should gain less. Without
-        scales the int8 vectors were within cosine 0.988 (1st percentile) / 0.993 (median) of
-        float32's on 2,000 training captions, and dev text -> image R@1 fell from 28.60 to
-        27.92 (model card, "int8 text path"); with the bundle's scales (calibrated on 512
-        training captions, `scripts/text_int8_scales.py`) 0.9955 / 0.9980, and text -> image
-        R@1 on the 300 training photos the trainer holds out 44.80 against float32's 45.07
-        (44.53 without scales); not yet measured on dev. On x86 CPUs without VNNI the export
-        takes 7-bit weights (`engine.onnx_graph.vnni`): 0.9941 / 0.9969 and 45.13, measured on
-        the VNNI CPU (products of 7-bit weights are exact on either kind); its speed there is
-        unmeasured. Keeping the FFN output matmuls in
-        float32 instead gave cosine 0.996 at ~225 sentences/s at batch 1; ONNX Runtime in
-        float32 gave 1.1-1.2x at batch 1 and ~1.05x at batch 32, too little for a 93 MB export.
+        The default model's text path (MiniLM, its 2 tuned layers, the text head) on a 2-core
+        AMD EPYC VM with AVX-512 VNNI (Zen 4; no AMX): ~2.5x the sentences per second of the
+        torch graph at batch 1 and 32 (300-400 against 113-140 at batch 1, 740-820 against
+        310-350 at batch 32, same process). Unsmoothed, its vectors were within cosine 0.988
+        (1st percentile) / 0.993 (median) of float32's on 2,000 training captions and dev text
+        -> image R@1 fell from 28.60 to 27.92 (13th session); with the bundle's scales
+        (calibrated on 512 training captions, `scripts/text_int8_scales.py`) 0.9955 / 0.9980,
+        and on dev (14th session, paired with the float32 path, model card "int8 text path")
+        text -> image R@1 28.78 against 28.56, image -> text 37.1 against 36.4, cascaded
+        speech -> image 25.0 against 24.2. On x86 CPUs without VNNI the export takes 7-bit
+        weights (`engine.onnx_graph.int8_cpu`): cosine 0.9941 / 0.9969, dev text -> image
+        28.68, measured on the VNNI CPU (products of 7-bit weights are exact on either kind);
+        its speed there is unmeasured, so such CPUs keep float32 unless asked. Keeping the FFN
+        output matmuls in float32 instead gave cosine 0.996 at ~225 sentences/s at batch 1;
+        ONNX Runtime in float32 gave 1.1-1.2x at batch 1 and ~1.05x at batch 32, too little
+        for a 93 MB export.
         """
         return OnnxGraph(
             TextPath(self.model, head, scales),
             key=lambda *tokens: None,  # any batch and length: one export
             inputs=("input_ids", "attention_mask", "token_type_ids"),
             dynamic=(0, 1),
-            variant=text_variant,
+            variant=lambda: text_variant(smoothed=bool(scales)),
         )
 
 
-def text_variant() -> str | None:
-    """How `MiniLMTower.whole_path` runs now: "int8" with `XMODAL_PRECISION=int8`, else None
-    (the tower's torch graph, float32, or bfloat16 on CPUs with AMX)."""
-    return "int8" if precision() == "int8" else None
+def text_variant(*, smoothed: bool = False) -> str | None:
+    """How `MiniLMTower.whole_path` runs now: "int8" with `XMODAL_PRECISION=int8`, or by
+    default (auto) for a `smoothed` path on an x86 CPU with VNNI, where it was measured; else
+    None (the tower's torch graph, float32, or bfloat16 on CPUs with AMX)."""
+    choice = precision()
+    if choice == "int8" or (choice == "auto" and smoothed and int8_cpu() == "vnni"):
+        return "int8"
+    return None
 
 
 class TextPath(torch.nn.Module):

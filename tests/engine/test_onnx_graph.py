@@ -169,7 +169,7 @@ def test_int8_weights_take_7_bits_on_a_cpu_without_vnni(cache, monkeypatch):
     mask = torch.ones(4, 9, dtype=torch.long)
     outputs, files = {}, {}
     for has_vnni in (True, False):
-        monkeypatch.setattr(onnx_graph, "vnni", lambda v=has_vnni: v)
+        monkeypatch.setattr(onnx_graph, "int8_cpu", lambda v=has_vnni: "vnni" if v else "x86")
         graph = OnnxGraph(
             net, key=lambda *xs: None, inputs=("ids", "mask"), dynamic=(0, 1),
             variant=lambda: "int8",
@@ -188,20 +188,21 @@ def test_int8_weights_take_7_bits_on_a_cpu_without_vnni(cache, monkeypatch):
         assert 0 < (out - ref).abs().max() < 0.05 * ref.abs().max()
 
 
-def test_vnni_reads_the_cpu_flags(monkeypatch, tmp_path):
+def test_int8_cpu_reads_the_cpu_flags(monkeypatch, tmp_path, request):
     import platform
 
+    request.addfinalizer(onnx_graph.int8_cpu.cache_clear)  # what this CPU says, again
     monkeypatch.setattr(platform, "machine", lambda: "aarch64")
-    assert onnx_graph.vnni()  # not x86: no u8 x s8 saturation to avoid
+    onnx_graph.int8_cpu.cache_clear()
+    assert onnx_graph.int8_cpu() == "other"  # not x86: no u8 x s8 saturation to avoid
     monkeypatch.setattr(platform, "machine", lambda: "x86_64")
     cpuinfo = tmp_path / "cpuinfo"
     monkeypatch.setattr(onnx_graph, "CPUINFO", cpuinfo)
-    for flags, expected in (("fpu avx2 fma", False), ("avx2 avx512f avx512_vnni", True),
-                            ("avx2 avx_vnni", True)):  # fmt: skip
+    for flags, expected in (("fpu avx2 fma", "x86"), ("avx2 avx512f avx512_vnni", "vnni"),
+                            ("avx2 avx_vnni", "vnni")):  # fmt: skip
         cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
-        onnx_graph.vnni.cache_clear()
-        assert onnx_graph.vnni() is expected
+        onnx_graph.int8_cpu.cache_clear()
+        assert onnx_graph.int8_cpu() == expected
     cpuinfo.unlink()
-    onnx_graph.vnni.cache_clear()
-    assert not onnx_graph.vnni()  # an x86 CPU that cannot be asked: the safe recipe
-    onnx_graph.vnni.cache_clear()
+    onnx_graph.int8_cpu.cache_clear()
+    assert onnx_graph.int8_cpu() == "x86"  # an x86 CPU that cannot be asked: the safe recipe

@@ -217,3 +217,30 @@ def test_smoothing_keeps_the_float32_function_and_helps_int8(tmp_path, monkeypat
     assert cosines[1] > cosines[0] and cosines[1] > 0.99, cosines
     with pytest.raises(ModelError, match="do not fit"):
         TextPath(tower.model, None, {"encoder.layer.0.output.dense": torch.ones(384)})
+
+
+def test_int8_by_default_only_for_a_smoothed_path_on_a_vnni_cpu(monkeypatch):
+    import torch
+
+    from engine import text
+    from engine.graph import PRECISION_ENV, float32_only
+    from engine.text import text_variant
+
+    monkeypatch.delenv("XMODAL_ONNX", raising=False)
+    for cpu in ("vnni", "x86", "other"):
+        monkeypatch.setattr(text, "int8_cpu", lambda c=cpu: c)
+        monkeypatch.delenv(PRECISION_ENV, raising=False)  # auto
+        assert text_variant(smoothed=True) == ("int8" if cpu == "vnni" else None)
+        assert text_variant(smoothed=False) is None  # unsmoothed int8 cost dev recall
+        monkeypatch.setenv(PRECISION_ENV, "int8")  # asked for: anywhere, smoothed or not
+        assert text_variant(smoothed=True) == text_variant(smoothed=False) == "int8"
+        with float32_only():
+            assert text_variant(smoothed=True) is None
+        monkeypatch.setenv(PRECISION_ENV, "fp32")
+        assert text_variant(smoothed=True) is None
+    # the tower's path asks with its own scales
+    monkeypatch.setattr(text, "int8_cpu", lambda: "vnni")
+    monkeypatch.delenv(PRECISION_ENV, raising=False)
+    tower = text.MiniLMTower()
+    scales = {"encoder.layer.0.output.dense": torch.ones(1536)}
+    assert tower.whole_path(None, scales).active and not tower.whole_path(None).active
