@@ -8,8 +8,9 @@ torch's. Whole images, JPEG decode and heads included (`benchmarks/encoders.py`,
 The network is mostly depthwise convolutions, which ONNX Runtime's kernels run faster here.
 MiniLM gained little under ONNX Runtime in float32 (5.8 against 7.5 ms a sentence on two
 threads; `embed_text` at batch 1 runs one thread, 9.0 against 9.8), but its int8 copy, with the
-text head, runs ~2.5× the sentences per second of the torch graph at batch 1 and 32
-(`engine.text.MiniLMTower.whole_path`).
+text head, runs ~2.5× the sentences per second of the torch graph at batch 1 and 32 on an
+AVX-512 VNNI CPU (`engine.text.MiniLMTower.whole_path`; 7-bit weights on x86 CPUs without VNNI,
+`int8_cpu`).
 
 `OnnxGraph(module, key=...)` exports `module` once per key into the cache
 (`engine.speech.cache_root() / "onnx"`, named by a hash of the weights, the input shapes but
