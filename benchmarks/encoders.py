@@ -3,10 +3,11 @@ speech × real time (parallel and cascaded branches), text sentences/s.
 
     .venv/bin/python benchmarks/encoders.py [--model default] [--seconds 20]
 
-Images and text are timed as shipped (on CPUs with AMX the text graph runs in bfloat16; the
-image backbone runs under ONNX Runtime, engine.onnx_graph; the image heads run in int8,
-engine.heads.Int8OnReuse), with XMODAL_PRECISION=int8 (the opt-in int8 text path under ONNX
-Runtime, engine.text.MiniLMTower.whole_path; images as shipped), with torch graphs only
+Images and text are timed as shipped (on x86 CPUs with VNNI the default model's text path runs
+in int8 under ONNX Runtime, engine.text.MiniLMTower.whole_path; on CPUs with AMX the text graph
+runs in bfloat16; the image backbone runs under ONNX Runtime, engine.onnx_graph; the image heads
+run in int8, engine.heads.Int8OnReuse), with XMODAL_PRECISION=int8 (the int8 text path on any
+CPU; images as shipped), with torch graphs only
 (XMODAL_ONNX=0), with float32 graphs and heads (XMODAL_PRECISION=fp32), and, as baselines in
 the same process, with the towers
 eager (XMODAL_EAGER=1, no engine.graph) and eager with all torch threads at every batch size
@@ -41,6 +42,7 @@ from engine.graph import ENV_SWITCH, PRECISION_ENV, bf16_graphs  # noqa: E402
 from engine.media import SAMPLE_RATE, load_audio, load_image  # noqa: E402
 from engine.model import load_model  # noqa: E402
 from engine.onnx_graph import ONNX_ENV  # noqa: E402
+from engine.text import text_variant  # noqa: E402
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 SENTENCES = [
@@ -100,6 +102,13 @@ def _variants(model, fn, n_items: int, seconds: float) -> tuple[float, ...]:
         os.environ.pop(PRECISION_ENV, None)
         engine.threads.SMALL_BATCH = small
         retrace()
+
+
+def shipped_text(model) -> str:
+    """How the model's text path runs here as shipped (no XMODAL_PRECISION)."""
+    if text_variant(smoothed=bool(model.text_scales)):
+        return "int8 (ONNX Runtime)"
+    return "bfloat16" if bf16_graphs() else "float32"
 
 
 def make_jpegs(folder: Path, n: int) -> list[Path]:
@@ -181,8 +190,8 @@ def main() -> None:
         f.write(
             f"\n## Encoder speed — {stamp}\n`python benchmarks/encoders.py --model {args.model} "
             f"--seconds {args.seconds}` on {platform.node()} ({torch.get_num_threads()} torch threads, "
-            f"{platform.processor() or platform.machine()}, {cpu_family()}; shipped = text graphs in "
-            f"{'bfloat16' if bf16_graphs() else 'float32'}, image graphs in float32; reference "
+            f"{platform.processor() or platform.machine()}, {cpu_family()}; shipped = text path in "
+            f"{shipped_text(model)}, image graphs in float32; reference "
             f"loop {reference_ms():.1f} ms, see benchmarks/_common.py)\n\n{table}"
         )
 
