@@ -24,8 +24,9 @@ cosine 0.9999 of float32 and the same dev recall (benchmarks/RESULTS.md, 2026-11
 image tower does not (EfficientNet-Lite0 7.2 → 3.6 ms, but cosine down to 0.992). The first call
 per key, eager, stays float32. `XMODAL_PRECISION=fp32` keeps float32 everywhere (the image
 heads' int8 matmuls included, `engine.heads.Int8OnReuse`), `=bf16` forces bfloat16 where
-oneDNN supports it, `=int8` runs the text path in int8 under ONNX Runtime (faster, a little
-less recall: `engine.text.MiniLMTower.whole_path`).
+oneDNN supports it, `=int8` runs the text path in int8 under ONNX Runtime anywhere, which by
+default (auto) it does only on x86 CPUs with VNNI and no AMX, for bundles with smoothing
+scales (`engine.text.text_variant`, `MiniLMTower.whole_path`).
 """
 
 from __future__ import annotations

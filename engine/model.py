@@ -26,6 +26,7 @@ from engine.errors import ModelError, QueryError
 from engine.heads import HeadEnsemble, Int8OnReuse, MLPHead, SpeechHead, lengths_to_mask
 from engine.hubness import HUBNESS_FILE, HubBank
 from engine.media import SAMPLE_RATE
+from engine.onnx_graph import onnx_enabled
 from engine.speech import WhisperAdapter
 from engine.text import text_variant
 from engine.threads import SMALL_BATCH, one_thread_each, threads_for
@@ -150,8 +151,8 @@ class AlignedModel:
     def _text_vectors(self, texts: list[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), np.float32)
-        smoothed = bool(self.text_scales)
-        whole = self._text_whole if text_variant(smoothed=smoothed) else None  # made when asked
+        asked = onnx_enabled() and text_variant(smoothed=bool(self.text_scales))
+        whole = self._text_whole if asked else None  # made when first asked for
         with threads_for(len(texts)):
             return self.text_tower.encode(texts, head=self.heads.get("text"), whole=whole)
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from engine.embedder import l2_normalize
 from engine.errors import ModelError
-from engine.graph import InferenceGraph, precision
+from engine.graph import InferenceGraph, bf16_graphs, precision
 from engine.onnx_graph import OnnxGraph, int8_cpu
 from engine.threads import one_thread_each
 
@@ -120,7 +120,7 @@ class MiniLMTower:
     ) -> OnnxGraph:
         """`encode`'s `whole` for `head`: this tower and the head in one int8 ONNX Runtime graph,
         smoothed with `scales` (`TextPath`) if given, run from its second call on when
-        `text_variant` says so: by default on x86 CPUs with VNNI if there are scales, and
+        `text_variant` says so: by default on x86 CPUs with VNNI (no AMX) if there are scales, and
         anywhere with `XMODAL_PRECISION=int8`. Call again after `use_top_layers`.
 
         The default model's text path (MiniLM, its 2 tuned layers, the text head) on a 2-core
@@ -151,10 +151,13 @@ class MiniLMTower:
 
 def text_variant(*, smoothed: bool = False) -> str | None:
     """How `MiniLMTower.whole_path` runs now: "int8" with `XMODAL_PRECISION=int8`, or by
-    default (auto) for a `smoothed` path on an x86 CPU with VNNI, where it was measured; else
-    None (the tower's torch graph, float32, or bfloat16 on CPUs with AMX)."""
+    default (auto) for a `smoothed` path on an x86 CPU with VNNI but no AMX, the kind it was
+    measured on; else None (the tower's torch graph: float32, or bfloat16 by default on CPUs
+    with AMX, measured there at cosine 0.9999 of float32)."""
     choice = precision()
-    if choice == "int8" or (choice == "auto" and smoothed and int8_cpu() == "vnni"):
+    if choice == "int8":
+        return "int8"
+    if choice == "auto" and smoothed and int8_cpu() == "vnni" and not bf16_graphs():
         return "int8"
     return None
 

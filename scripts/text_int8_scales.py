@@ -1,4 +1,5 @@
-"""SmoothQuant scales for the opt-in int8 text path (`XMODAL_PRECISION=int8`), into a bundle.
+"""SmoothQuant scales for the int8 text path, into a bundle (`engine.text.text_variant` says
+when it runs: by default on x86 CPUs with VNNI, for a bundle with these scales).
 
     .venv/bin/python scripts/text_int8_scales.py MANIFEST [--model default] [--captions 512]
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from engine.config import HubnessConfig
 from engine.errors import XmodalError
+from engine.graph import float32_only
 from engine.hubness import HubBank
 from trainer.manifest import read_manifest
 
@@ -81,7 +82,8 @@ def build_bank(
     from trainer.evaluate import embed_image_files, embed_texts
 
     captions, photos = bank_members(manifest)
-    text = embed_texts(captions, model, batch_size=TEXT_BATCH, progress=progress)
+    with float32_only():  # the same banks whatever CPU builds them (int8 text on VNNI CPUs)
+        text = embed_texts(captions, model, batch_size=TEXT_BATCH, progress=progress)
     if image_vectors is None:
         images = embed_image_files(photos, model, batch_size=IMAGE_BATCH, progress=progress)
     else:

@@ -438,7 +438,7 @@ def test_text_scales_travel_with_the_bundle_but_not_its_fingerprint(bundle, tmp_
     model.text_scales = scales
     model.save(tmp_path)
     again = load_model(tmp_path)
-    assert again.fingerprint == model.fingerprint  # only the opt-in int8 path's vectors change
+    assert again.fingerprint == model.fingerprint  # only the int8 text path's vectors change
     assert set(again.text_scales) == set(scales)
     torch.testing.assert_close(again.text_scales["encoder.layer.0.attention.self.query"],
                                scales["encoder.layer.0.attention.self.query"])  # fmt: skip
@@ -448,3 +448,26 @@ def test_text_scales_travel_with_the_bundle_but_not_its_fingerprint(bundle, tmp_
     again.text_scales = None
     again.save(tmp_path)
     assert not (tmp_path / TEXT_SCALES_FILE).exists() and load_model(tmp_path).text_scales is None
+
+
+def test_int8_text_path_only_where_onnx_runtime_may_run(bundle, tmp_path, monkeypatch):
+    from engine import text
+
+    monkeypatch.setenv("XMODAL_CACHE", str(tmp_path))
+    monkeypatch.delenv(PRECISION_ENV)  # auto: int8 on a VNNI CPU for a bundle with scales
+    monkeypatch.delenv("XMODAL_EAGER", raising=False)
+    monkeypatch.setattr(text, "int8_cpu", lambda: "vnni")
+    monkeypatch.setattr(text, "bf16_graphs", lambda: False)
+    model = load_model(bundle)
+    model.text_scales = {"encoder.layer.0.output.dense": torch.ones(1536)}
+    texts = ["a dog runs on the beach", "a bowl of soup on a wooden table"]
+    monkeypatch.setenv("XMODAL_ONNX", "0")
+    first = model.embed_text(texts)
+    np.testing.assert_allclose(model.embed_text(texts), first, atol=1e-5)
+    assert "_text_whole" not in model.__dict__  # no smoothed copy of the tower made for nothing
+    monkeypatch.delenv("XMODAL_ONNX")
+    model.embed_text(texts)  # seen
+    int8 = model.embed_text(texts)  # int8 under ONNX Runtime
+    assert model._text_whole.sessions
+    cosines = (int8 * first).sum(1)
+    assert np.all(cosines > 0.98) and not np.allclose(int8, first, atol=1e-4)

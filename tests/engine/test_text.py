@@ -227,10 +227,15 @@ def test_int8_by_default_only_for_a_smoothed_path_on_a_vnni_cpu(monkeypatch):
     from engine.text import text_variant
 
     monkeypatch.delenv("XMODAL_ONNX", raising=False)
+    monkeypatch.delenv("XMODAL_EAGER", raising=False)
+    monkeypatch.setattr(text, "bf16_graphs", lambda: False)
     for cpu in ("vnni", "x86", "other"):
         monkeypatch.setattr(text, "int8_cpu", lambda c=cpu: c)
         monkeypatch.delenv(PRECISION_ENV, raising=False)  # auto
         assert text_variant(smoothed=True) == ("int8" if cpu == "vnni" else None)
+        monkeypatch.setattr(text, "bf16_graphs", lambda: True)  # AMX: its measured bfloat16
+        assert text_variant(smoothed=True) is None
+        monkeypatch.setattr(text, "bf16_graphs", lambda: False)
         assert text_variant(smoothed=False) is None  # unsmoothed int8 cost dev recall
         monkeypatch.setenv(PRECISION_ENV, "int8")  # asked for: anywhere, smoothed or not
         assert text_variant(smoothed=True) == text_variant(smoothed=False) == "int8"
