@@ -139,6 +139,38 @@ def info(index_dir: str, as_json: bool) -> None:
 
 
 @main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the models as JSON.")
+def models(as_json: bool) -> None:
+    """List the models `--model NAME` finds ($XMODAL_MODELS, then the shipped ones) and how
+    each one's text path runs on this CPU."""
+    from engine.model import describe_model, list_models
+    from engine.onnx_graph import int8_cpu
+
+    found: dict[str, dict] = {}
+    for name in list_models():
+        try:
+            found[name] = describe_model(name)
+        except (XmodalError, OSError) as exc:  # one broken bundle does not hide the others
+            found[name] = {"error": str(exc)}
+    cpu = {"vnni": "x86 with VNNI", "x86": "x86 without VNNI", "other": "not x86"}[int8_cpu()]
+    if as_json:
+        click.echo(json.dumps({"cpu": cpu, "models": found}, indent=2))
+        return
+    for name, about in found.items():
+        if "error" in about:
+            click.echo(f"{name}: unreadable: {about['error']}")
+            continue
+        click.echo(f"{name}: {about['name']} (fingerprint {about['fingerprint'][:12]}, "
+                   f"dim {about['dim']}, text tower {about['text_tower']}, speech indexed by "
+                   f"the {about['speech_branch']} branch)")  # fmt: skip
+        click.echo(f"  {about['path']}")
+        click.echo(f"  text path on this CPU: {about['text_path_here']}")
+    if not found:
+        click.echo("no models found", err=True)
+    click.echo(f"this CPU: {cpu} (XMODAL_PRECISION / XMODAL_ONNX change what runs: README)")
+
+
+@main.command()
 @click.option("--index", "index_dir", type=INDEX_DIR, required=True, help=INDEX_HELP)
 @click.option(
     "--threshold",

