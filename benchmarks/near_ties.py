@@ -39,7 +39,9 @@ def gaps(base: np.ndarray, queries: np.ndarray, chunk: int = 100) -> np.ndarray:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )  # no --model: it embeds nothing
     ap.add_argument("--n", type=int, default=1_000_000, help="vectors in the base set")
     ap.add_argument("--dim", type=int, default=384, help="dimension (the model's: 384)")
     ap.add_argument("--queries", type=int, default=500, help="queries")
