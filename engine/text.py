@@ -130,9 +130,9 @@ class MiniLMTower:
         (1st percentile) / 0.993 (median) of float32's on 2,000 training captions and dev text
         -> image R@1 fell from 28.60 to 27.92 (13th session); with the bundle's scales
         (calibrated on 512 training captions, `scripts/text_int8_scales.py`) 0.9955 / 0.9980,
-        and on dev (14th session, paired with the float32 path, model card "int8 text path")
-        text -> image R@1 28.78 against 28.56, image -> text 37.1 against 36.4, cascaded
-        speech -> image 25.0 against 24.2. On x86 CPUs without VNNI the export takes 7-bit
+        and on dev (14th session, paired with the float32 path; model card, "The smoothed int8
+        text path on dev") text -> image R@1 28.78 against 28.56, image -> text 37.1 against
+        36.4, cascaded speech -> image 25.0 against 24.2. On x86 CPUs without VNNI the export takes 7-bit
         weights (`engine.onnx_graph.int8_cpu`): cosine 0.9941 / 0.9969, dev text -> image
         28.68, measured on the VNNI CPU (products of 7-bit weights are exact on either kind);
         its speed there is unmeasured, so such CPUs keep float32 unless asked. Keeping the FFN
