@@ -42,24 +42,14 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import engine  # noqa: E402, F401 - the product's OpenMP settings, before torch or faiss load
+from engine.cpu import cpu_fields  # noqa: E402 - no torch: FAISS may still load first
 
 # ---- machine and results ---------------------------------------------------------------------
 
 
-def _cpuinfo() -> dict[str, str]:
-    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
-    try:
-        block = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
-    except OSError:
-        return {}
-    return {
-        k.strip(): v.strip() for k, _, v in (line.partition(":") for line in block.splitlines())
-    }
-
-
 def cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo, or the platform's guess."""
-    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
+    return cpu_fields().get("model name") or platform.processor() or platform.machine()
 
 
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile")  # what moves our kernels
@@ -68,7 +58,7 @@ ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile")  # what m
 def cpu_family() -> str:
     """Family/model and the vector flags that change which kernels run (int8 ones above all),
     from /proc/cpuinfo: "AMD EPYC" alone names CPUs with and without AVX-512."""
-    fields = _cpuinfo()
+    fields = cpu_fields()
     if not fields:
         return "flags unknown"
     flags = set(fields.get("flags", "").split())

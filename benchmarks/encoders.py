@@ -38,11 +38,10 @@ import torch  # noqa: E402
 from _common import cpu_family, reference_ms  # noqa: E402 - benchmarks/ is this script's folder
 from PIL import Image  # noqa: E402
 
-from engine.graph import ENV_SWITCH, PRECISION_ENV, bf16_graphs  # noqa: E402
+from engine.graph import ENV_SWITCH, PRECISION_ENV  # noqa: E402
 from engine.media import SAMPLE_RATE, load_audio, load_image  # noqa: E402
-from engine.model import load_model  # noqa: E402
+from engine.model import load_model, text_path_here  # noqa: E402
 from engine.onnx_graph import ONNX_ENV  # noqa: E402
-from engine.text import text_variant  # noqa: E402
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 SENTENCES = [
@@ -102,13 +101,6 @@ def _variants(model, fn, n_items: int, seconds: float) -> tuple[float, ...]:
         os.environ.pop(PRECISION_ENV, None)
         engine.threads.SMALL_BATCH = small
         retrace()
-
-
-def shipped_text(model) -> str:
-    """How the model's text path runs here as shipped (no XMODAL_PRECISION)."""
-    if text_variant(smoothed=bool(model.text_scales)):
-        return "int8 (ONNX Runtime)"
-    return "bfloat16" if bf16_graphs() else "float32"
 
 
 def make_jpegs(folder: Path, n: int) -> list[Path]:
@@ -191,7 +183,8 @@ def main() -> None:
             f"\n## Encoder speed — {stamp}\n`python benchmarks/encoders.py --model {args.model} "
             f"--seconds {args.seconds}` on {platform.node()} ({torch.get_num_threads()} torch threads, "
             f"{platform.processor() or platform.machine()}, {cpu_family()}; shipped = text path in "
-            f"{shipped_text(model)}, image graphs in float32; reference "
+            f"{text_path_here(model.config, smoothed=bool(model.text_scales))}, image graphs in "
+            f"float32; reference "
             f"loop {reference_ms():.1f} ms, see benchmarks/_common.py)\n\n{table}"
         )
 

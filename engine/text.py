@@ -14,10 +14,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from engine.cpu import int8_cpu
 from engine.embedder import l2_normalize
 from engine.errors import ModelError
 from engine.graph import InferenceGraph, bf16_graphs, precision
-from engine.onnx_graph import OnnxGraph, int8_cpu
+from engine.onnx_graph import OnnxGraph
 from engine.threads import one_thread_each
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,7 @@ class MiniLMTower:
         and on dev (14th session, paired with the float32 path; model card, "The smoothed int8
         text path on dev") text -> image R@1 28.78 against 28.56, image -> text 37.1 against
         36.4, cascaded speech -> image 25.0 against 24.2. On x86 CPUs without VNNI the export takes 7-bit
-        weights (`engine.onnx_graph.int8_cpu`): cosine 0.9941 / 0.9969, dev text -> image
+        weights (`engine.cpu.int8_cpu`): cosine 0.9941 / 0.9969, dev text -> image
         28.68, measured on the VNNI CPU (products of 7-bit weights are exact on either kind);
         its speed there is unmeasured, so such CPUs keep float32 unless asked. Keeping the FFN
         output matmuls in float32 instead gave cosine 0.996 at ~225 sentences/s at batch 1;

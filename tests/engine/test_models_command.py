@@ -5,7 +5,8 @@ import json
 import torch
 from click.testing import CliRunner
 
-from engine import onnx_graph, text
+from engine import cpu as cpu_module
+from engine import text
 from engine.cli import main
 from engine.config import ModelConfig
 from engine.graph import PRECISION_ENV
@@ -27,7 +28,7 @@ def test_models_lists_bundles_and_their_text_path_here(tmp_path, monkeypatch):
 
     def listed(cpu: str, **env: str) -> dict:
         monkeypatch.setattr(text, "int8_cpu", lambda: cpu)
-        monkeypatch.setattr(onnx_graph, "int8_cpu", lambda: cpu)
+        monkeypatch.setattr(cpu_module, "int8_cpu", lambda: cpu)
         out = runner.invoke(main, ["models", "--json"], env=env)
         assert out.exit_code == 0, out.output
         return json.loads(out.output)

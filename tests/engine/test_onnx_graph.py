@@ -186,23 +186,3 @@ def test_int8_weights_take_7_bits_on_a_cpu_without_vnni(cache, monkeypatch):
         ref = net(ids, mask)
     for out in outputs.values():
         assert 0 < (out - ref).abs().max() < 0.05 * ref.abs().max()
-
-
-def test_int8_cpu_reads_the_cpu_flags(monkeypatch, tmp_path, request):
-    import platform
-
-    request.addfinalizer(onnx_graph.int8_cpu.cache_clear)  # what this CPU says, again
-    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
-    onnx_graph.int8_cpu.cache_clear()
-    assert onnx_graph.int8_cpu() == "other"  # not x86: no u8 x s8 saturation to avoid
-    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
-    cpuinfo = tmp_path / "cpuinfo"
-    monkeypatch.setattr(onnx_graph, "CPUINFO", cpuinfo)
-    for flags, expected in (("fpu avx2 fma", "x86"), ("avx2 avx512f avx512_vnni", "vnni"),
-                            ("avx2 avx_vnni", "vnni")):  # fmt: skip
-        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
-        onnx_graph.int8_cpu.cache_clear()
-        assert onnx_graph.int8_cpu() == expected
-    cpuinfo.unlink()
-    onnx_graph.int8_cpu.cache_clear()
-    assert onnx_graph.int8_cpu() == "x86"  # an x86 CPU that cannot be asked: the safe recipe
