@@ -19,6 +19,8 @@ IMAGE_BACKBONES = ("efficientnet-lite0",)
 SPEECH_BRANCHES = ("cascaded", "parallel", "fused")
 WEIGHTINGS = ("uniform", "posterior")  # of the n-best transcripts in the cascaded vector
 MAX_IMAGE_HEADS = 16
+MAX_SPEEDS = 4  # speeds Whisper hears a clip at: each one more encoder pass and beam search
+MIN_SPEED, MAX_SPEED = 0.5, 2.0
 
 PRECISION_ENV = "XMODAL_PRECISION"
 PRECISIONS = ("auto", "fp32", "bf16", "int8")  # see engine.graph
@@ -112,6 +114,10 @@ class SpeechTowerConfig:
     # of each transcript, renormalized over the n-best)
     weighting: str = "uniform"
     prompt: str = ""  # text Whisper reads as what came before each clip ("" = none)
+    # Whisper also hears each clip played at these speeds (resampled, so pitch moves too) and the
+    # n-best of every speed are pooled into the cascaded vector; 1.0 (the clip as it is) always
+    # comes first, and the parallel branch reads its encoder states only
+    speeds: tuple[float, ...] = (1.0,)
     adapter: bool = False  # the bundle carries a low-rank update of Whisper's decoder
 
 
@@ -167,6 +173,17 @@ class ModelConfig:
             )
         if not isinstance(self.speech.prompt, str):
             raise ModelError(f"speech.prompt must be text, not {self.speech.prompt!r}")
+        speeds = self.speech.speeds
+        if not (
+            isinstance(speeds, tuple)
+            and speeds[:1] == (1.0,)
+            and len(set(speeds)) == len(speeds) <= MAX_SPEEDS
+            and all(MIN_SPEED <= f <= MAX_SPEED for f in speeds)
+        ):
+            raise ModelError(
+                f"speech.speeds must start with 1.0 and list at most {MAX_SPEEDS} different "
+                f"speeds in {MIN_SPEED}..{MAX_SPEED}, not {speeds!r}"
+            )
         if self.speech.branch != "cascaded" and self.speech.head is None:
             raise ModelError(f"speech branch {self.speech.branch!r} needs a speech head")
         hub = self.hubness
@@ -196,6 +213,8 @@ class ModelConfig:
             if "head" in image:
                 image["head"] = HeadConfig(**image["head"])
             speech = dict(raw.get("speech", {}))
+            if "speeds" in speech:
+                speech["speeds"] = tuple(float(f) for f in speech["speeds"])
             if speech.get("head") is not None:
                 speech["head"] = SpeechHeadConfig(**speech["head"])
             return cls(
@@ -207,7 +226,7 @@ class ModelConfig:
                 hubness=HubnessConfig(**raw["hubness"]) if raw.get("hubness") else None,
                 version=raw.get("version", BUNDLE_VERSION),
             )
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"malformed model config: {exc}") from exc
 
     @classmethod

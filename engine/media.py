@@ -177,6 +177,24 @@ def resample(samples: np.ndarray, rate: int) -> np.ndarray:
     return out.numpy().astype(np.float32)
 
 
+def at_speed(samples: np.ndarray, speed: float) -> np.ndarray:
+    """A 16 kHz waveform played `speed` times as fast, float32: resampled, so its pitch moves
+    with it and it lasts `1 / speed` as long. The ratio is taken to the nearest fraction with a
+    denominator of at most 20 (0.9 = 9/10), which keeps torchaudio's filter short."""
+    from fractions import Fraction
+
+    ratio = Fraction(speed).limit_denominator(20)
+    if ratio <= 0:
+        raise ValueError(f"speed must be positive, not {speed}")
+    if ratio == 1:
+        return np.ascontiguousarray(samples, dtype=np.float32)
+    import torch
+    import torchaudio.functional as F
+
+    x = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32))
+    return F.resample(x, ratio.numerator, ratio.denominator).numpy().astype(np.float32)
+
+
 def load_text(path: str | Path, *, max_bytes: int = 10_000_000) -> str:
     """Read a text note as UTF-8 (undecodable bytes replaced). Raises `MediaError` if unreadable."""
     path = Path(path)

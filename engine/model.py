@@ -28,7 +28,7 @@ from engine.heads import HeadEnsemble, Int8OnReuse, MLPHead, SpeechHead, lengths
 from engine.hubness import HUBNESS_FILE, HubBank
 from engine.media import SAMPLE_RATE
 from engine.onnx_graph import onnx_enabled
-from engine.speech import WhisperAdapter
+from engine.speech import EncodedSpeech, WhisperAdapter
 from engine.text import text_variant
 from engine.threads import SMALL_BATCH, one_thread_each, threads_for
 
@@ -258,12 +258,39 @@ class AlignedModel:
         texts: list[str] = []
         for start in range(0, len(windows), SPEECH_BATCH):
             batch = windows[start : start + SPEECH_BATCH]
-            enc = self.whisper.encode(batch)
-            heard = self.scored_hypotheses(enc) if transcribe else [[] for _ in batch]
+            if transcribe:
+                enc, heard = self.listen(batch)
+            else:
+                enc, heard = self.whisper.encode(batch), [[] for _ in batch]
             texts += [h[0][0] if h else "" for h in heard]
             rows = slice(start, start + len(batch))
             vecs[rows] = self.combine_speech(heard, enc.states, enc.lengths, branch)
         return vecs, texts
+
+    def listen(self, clips: Sequence[np.ndarray]) -> tuple[EncodedSpeech, list[list[tuple]]]:
+        """Whisper's encoder states of `clips` (16 kHz, ≤ 30 s each; the parallel branch's input)
+        and each clip's scored transcripts for the cascaded branch (`scored_hypotheses`).
+
+        With `speech.speeds` beyond 1.0, Whisper also hears every clip played at those speeds
+        and each clip's list holds the n-best of every speed, the clip as it is first:
+        `combine_speech` then weighs them all together. Every view is encoded and decoded in
+        one call, so the views of a lone clip run side by side on Whisper's workers. A slowed
+        view of a clip near 30 s loses its end beyond Whisper's window.
+        """
+        from engine.media import at_speed
+
+        extra = self.config.speech.speeds[1:]
+        views = [*clips, *(at_speed(c, f) for f in extra for c in clips)]
+        encoded = self.whisper.encode(views)
+        heard = self.scored_hypotheses(encoded)
+        n = len(clips)
+        pooled = [
+            [h for view in range(len(extra) + 1) for h in heard[view * n + i]] for i in range(n)
+        ]
+        first = EncodedSpeech(
+            states=encoded.states[:n], lengths=encoded.lengths[:n], silent=encoded.silent[:n]
+        )
+        return first, pooled
 
     def scored_hypotheses(self, encoded) -> list[list[tuple[str, float]]]:
         """(transcript, log-probability) pairs of `Whisper.encode` output with this bundle's

@@ -45,8 +45,8 @@ def main() -> None:
     enc_all = []
     for start in range(0, len(clips), 16):
         batch = clips[start : start + 16]
-        enc = model.whisper.encode(batch)
-        enc_all.append((model.scored_hypotheses(enc), enc))
+        enc, heard = model.listen(batch)
+        enc_all.append((heard, enc))
     print(f"{len(files)} recordings of {sorted(speakers)}, model {args.model}")
     heard = [h[0][0] if h else "" for hyps, _ in enc_all for h in hyps]
     asr = np.mean([transcript_names_digit(t, d) for t, d in zip(heard, digits, strict=True)])

@@ -386,9 +386,9 @@ def embed_audio_branches(
 ) -> dict[str, np.ndarray]:
     """`{branch: (n, d)}` speech vectors of audio files for each named speech branch.
 
-    For a model with a Whisper tower, `scored_hypotheses` and `combine_speech`
-    (`AlignedModel`), each batch is decoded and encoded once and every branch is combined from
-    the same states and transcripts; a batch with a clip over Whisper's 30 s window, or another
+    For a model with a Whisper tower, `listen` and `combine_speech` (`AlignedModel`), each
+    batch is decoded and encoded once and every branch is combined from the same states and
+    transcripts; a batch with a clip over Whisper's 30 s window, or another
     embedder, goes through `embed_speech(clips, branch=...)` once per branch.
     """
     from engine.media import SAMPLE_RATE, load_audio
@@ -396,13 +396,12 @@ def embed_audio_branches(
     if not paths or not branches:
         return {b: np.zeros((len(paths), embedder.dim), dtype=np.float32) for b in branches}
     window = 30 * SAMPLE_RATE  # Whisper's context, samples
-    shared = all(hasattr(embedder, a) for a in ("whisper", "scored_hypotheses", "combine_speech"))
+    shared = all(hasattr(embedder, a) for a in ("listen", "combine_speech"))
 
     def embed(batch: Sequence[Path]) -> np.ndarray:
         clips = [load_audio(p) for p in batch]
         if shared and all(len(c) <= window for c in clips):
-            encoded = embedder.whisper.encode(clips)
-            heard = embedder.scored_hypotheses(encoded)
+            encoded, heard = embedder.listen(clips)
             parts = [
                 embedder.combine_speech(heard, encoded.states, encoded.lengths, b) for b in branches
             ]

@@ -37,12 +37,27 @@ def test_round_trip(tmp_path):
         ({"image": {"head": {"in_dim": 3}}}, "malformed"),
         ({"image": {"heads": 0}}, "image.heads must be 1..16"),
         ({"image": {"heads": 17}}, "image.heads must be 1..16"),
+        ({"speech": {"speeds": [0.9, 1.0]}}, "speech.speeds must start with 1.0"),
+        ({"speech": {"speeds": [1.0, 0.9, 0.9]}}, "speech.speeds must start with 1.0"),
+        ({"speech": {"speeds": [1.0, 3.0]}}, "speech.speeds must start with 1.0"),
+        ({"speech": {"speeds": [1.0, 0.8, 0.9, 1.1, 1.2]}}, "at most 4 different"),
+        ({"speech": {"speeds": ["fast"]}}, "malformed"),
+        ({"speech": {"speeds": 0.9}}, "malformed"),
     ],
 )
 def test_bad_configs(change, match):
     raw = {"name": "t", **change}
     with pytest.raises(ModelError, match=match):
         ModelConfig.from_dict(raw)
+
+
+def test_speeds_read_from_json_and_default_to_the_clip_as_it_is(tmp_path):
+    cfg = ModelConfig.from_dict({"name": "t", "speech": {"speeds": [1, 0.9]}})
+    assert cfg.speech.speeds == (1.0, 0.9)
+    cfg.save(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["speech"]["speeds"] == [1.0, 0.9]
+    assert ModelConfig.load(tmp_path) == cfg
+    assert ModelConfig.from_dict({"name": "t"}).speech.speeds == (1.0,)  # bundles before v8
 
 
 def test_missing_and_broken_files(tmp_path):

@@ -8,7 +8,7 @@ import soundfile as sf
 from PIL import Image
 
 from engine.errors import MediaError
-from engine.media import SAMPLE_RATE, load_audio, load_image, load_text, open_image
+from engine.media import SAMPLE_RATE, at_speed, load_audio, load_image, load_text, open_image
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 
@@ -101,6 +101,18 @@ def test_stereo_8k_becomes_mono_16k(tmp_path):
     wav = load_audio(tmp_path / "s.wav")
     assert wav.shape == (16000,)
     assert np.abs(wav).max() == pytest.approx(0.5, abs=0.02)
+
+
+@pytest.mark.parametrize("speed", [0.9, 1.1])
+def test_at_speed_plays_faster_or_slower(speed):
+    t = np.arange(SAMPLE_RATE) / SAMPLE_RATE
+    tone = (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    out = at_speed(tone, speed)
+    assert out.dtype == np.float32
+    assert len(out) == pytest.approx(SAMPLE_RATE / speed, abs=2)
+    peak = np.argmax(np.abs(np.fft.rfft(out))) * SAMPLE_RATE / len(out)  # Hz
+    assert peak == pytest.approx(440 * speed, abs=2)  # the pitch moves with the speed
+    np.testing.assert_array_equal(at_speed(tone, 1.0), tone)
 
 
 def test_empty_and_too_long_audio(tmp_path):

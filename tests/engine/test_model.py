@@ -240,6 +240,39 @@ def test_cascaded_vector_averages_the_n_best(bundle, model, tmp_path):
     assert not np.allclose(out.vectors, nbest.embed_text(hyps[:1]), atol=1e-4)
 
 
+def test_speed_views_pool_the_n_best_of_every_speed(bundle, model, monkeypatch):
+    import dataclasses
+
+    from engine.media import at_speed
+
+    cfg = ModelConfig.load(bundle)
+    speech = dataclasses.replace(cfg.speech, hypotheses=3, weighting="posterior")
+    plain = AlignedModel(dataclasses.replace(cfg, speech=speech), model.heads, fingerprint="x")
+    views = AlignedModel(
+        dataclasses.replace(cfg, speech=dataclasses.replace(speech, speeds=(1.0, 0.9))),
+        model.heads, fingerprint="x",
+    )  # fmt: skip
+    plain.whisper = views.whisper = model.whisper  # share the loaded Whisper
+    clip = load_audio(FIXTURES / "dog_on_beach.wav")
+    calls = []
+    real = model.whisper.encode
+    monkeypatch.setattr(model.whisper, "encode", lambda c: calls.append(len(c)) or real(c))
+    enc, heard = views.listen([clip])
+    assert calls == [2]  # both views of a lone clip in one call: side by side on the workers
+    assert enc.states.shape[0] == 1 and enc.lengths.tolist() == real([clip]).lengths.tolist()
+    # the slowed view is the longer clip, so the shared call does not change its frames
+    slowed = plain.scored_hypotheses(real([at_speed(clip, 0.9)]))[0]
+    assert len(slowed) > 1 and heard[0][-len(slowed) :] == slowed
+    assert "dog" in heard[0][0][0].lower() and len(heard[0]) == len(slowed) + 3
+    # one softmax over all of them: the vector and transcript embed_speech gives
+    out = views.embed_speech([clip], branch="cascaded")
+    np.testing.assert_allclose(
+        out.vectors, views.combine_speech(heard, None, None, "cascaded"), atol=1e-5
+    )
+    assert out.transcripts == [heard[0][0][0]]  # the clip as it is: its most likely transcript
+    assert not np.allclose(out.vectors, plain.embed_speech([clip], branch="cascaded").vectors)
+
+
 def test_transcript_scores_are_log_probabilities(model):
     import ctranslate2
 

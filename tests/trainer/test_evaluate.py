@@ -346,8 +346,10 @@ class SharedEncoderStub(StubEmbedder):
         super().__init__()
         self.whisper = self._Whisper(self.calls)
 
-    def scored_hypotheses(self, encoded):
-        return [[("red" if n == CLIP_SAMPLES["red"] else "green", -0.5)] for n in encoded.states]
+    def listen(self, clips):
+        encoded = self.whisper.encode(clips)
+        heard = [[("red" if n == CLIP_SAMPLES["red"] else "green", -0.5)] for n in encoded.states]
+        return encoded, heard
 
     def combine_speech(self, hypotheses, states, lengths, branch):
         cascaded = self.embed_text([h[0][0] for h in hypotheses])
