@@ -186,7 +186,7 @@ def at_speed(samples: np.ndarray, speed: float) -> np.ndarray:
     ratio = Fraction(speed).limit_denominator(20)
     if ratio <= 0:
         raise ValueError(f"speed must be positive, not {speed}")
-    if ratio == 1:
+    if ratio == 1 or not samples.size:
         return np.ascontiguousarray(samples, dtype=np.float32)
     import torch
     import torchaudio.functional as F

@@ -113,6 +113,8 @@ def test_at_speed_plays_faster_or_slower(speed):
     peak = np.argmax(np.abs(np.fft.rfft(out))) * SAMPLE_RATE / len(out)  # Hz
     assert peak == pytest.approx(440 * speed, abs=2)  # the pitch moves with the speed
     np.testing.assert_array_equal(at_speed(tone, 1.0), tone)
+    assert at_speed(np.zeros(0, np.float32), speed).shape == (0,)  # an empty clip stays empty
+    assert len(at_speed(tone[:10], speed)) == pytest.approx(10 / speed, abs=1)  # tiny: still works
 
 
 def test_empty_and_too_long_audio(tmp_path):

@@ -271,6 +271,9 @@ def test_speed_views_pool_the_n_best_of_every_speed(bundle, model, monkeypatch):
     )
     assert out.transcripts == [heard[0][0][0]]  # the clip as it is: its most likely transcript
     assert not np.allclose(out.vectors, plain.embed_speech([clip], branch="cascaded").vectors)
+    # silent, tiny and empty clips get every view too, and still finite vectors
+    quiet = views.embed_speech([np.zeros(n, np.float32) for n in (SAMPLE_RATE, 10, 0)])
+    assert quiet.transcripts == ["", "", ""] and np.all(np.isfinite(quiet.vectors))
 
 
 def test_transcript_scores_are_log_probabilities(model):
