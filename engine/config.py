@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ WEIGHTINGS = ("uniform", "posterior")  # of the n-best transcripts in the cascad
 MAX_IMAGE_HEADS = 16
 MAX_SPEEDS = 4  # speeds Whisper hears a clip at: each one more encoder pass and beam search
 MIN_SPEED, MAX_SPEED = 0.5, 2.0
+SPEED_DENOMINATOR = 20  # a speed runs as the nearest fraction with at most this denominator
 
 PRECISION_ENV = "XMODAL_PRECISION"
 PRECISIONS = ("auto", "fp32", "bf16", "int8")  # see engine.graph
@@ -121,6 +123,12 @@ class SpeechTowerConfig:
     adapter: bool = False  # the bundle carries a low-rank update of Whisper's decoder
 
 
+def speed_ratio(speed: float) -> Fraction:
+    """The resampling ratio a speed runs as: the nearest fraction with a denominator of at most
+    `SPEED_DENOMINATOR` (0.9 = 9/10), which keeps the resampling filter short."""
+    return Fraction(speed).limit_denominator(SPEED_DENOMINATOR)
+
+
 @dataclass(frozen=True)
 class HubnessConfig:
     """Hubness correction from banks of training queries (`engine.hubness`)."""
@@ -176,13 +184,16 @@ class ModelConfig:
         speeds = self.speech.speeds
         if not (
             isinstance(speeds, tuple)
+            and all(isinstance(f, float) for f in speeds)
             and speeds[:1] == (1.0,)
-            and len(set(speeds)) == len(speeds) <= MAX_SPEEDS
+            and len(speeds) <= MAX_SPEEDS
             and all(MIN_SPEED <= f <= MAX_SPEED for f in speeds)
+            and len({speed_ratio(f) for f in speeds}) == len(speeds)
         ):
             raise ModelError(
-                f"speech.speeds must start with 1.0 and list at most {MAX_SPEEDS} different "
-                f"speeds in {MIN_SPEED}..{MAX_SPEED}, not {speeds!r}"
+                f"speech.speeds must start with 1.0 and list at most {MAX_SPEEDS} speeds in "
+                f"{MIN_SPEED}..{MAX_SPEED}, different once run as fractions n/d with d ≤ "
+                f"{SPEED_DENOMINATOR}, not {speeds!r}"
             )
         if self.speech.branch != "cascaded" and self.speech.head is None:
             raise ModelError(f"speech branch {self.speech.branch!r} needs a speech head")
@@ -200,7 +211,11 @@ class ModelConfig:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        raw = dataclasses.asdict(self)
+        if self.speech.speeds == (1.0,):
+            # left out, as bundles before v8 wrote it: re-saving one keeps its fingerprint
+            del raw["speech"]["speeds"]
+        return raw
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
@@ -214,7 +229,7 @@ class ModelConfig:
                 image["head"] = HeadConfig(**image["head"])
             speech = dict(raw.get("speech", {}))
             if "speeds" in speech:
-                speech["speeds"] = tuple(float(f) for f in speech["speeds"])
+                speech["speeds"] = _numbers(speech["speeds"], "speech.speeds")
             if speech.get("head") is not None:
                 speech["head"] = SpeechHeadConfig(**speech["head"])
             return cls(
@@ -243,3 +258,12 @@ class ModelConfig:
     def save(self, bundle_dir: str | Path) -> None:
         path = Path(bundle_dir) / CONFIG_FILE
         path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+def _numbers(raw: Any, name: str) -> tuple[float, ...]:
+    """A JSON list of numbers as a tuple of floats (not bools, not numeric strings)."""
+    if not isinstance(raw, list) or not all(
+        isinstance(x, int | float) and not isinstance(x, bool) for x in raw
+    ):
+        raise ModelError(f"malformed model config: {name} must be a list of numbers, not {raw!r}")
+    return tuple(float(x) for x in raw)

@@ -179,11 +179,12 @@ def resample(samples: np.ndarray, rate: int) -> np.ndarray:
 
 def at_speed(samples: np.ndarray, speed: float) -> np.ndarray:
     """A 16 kHz waveform played `speed` times as fast, float32: resampled, so its pitch moves
-    with it and it lasts `1 / speed` as long. The ratio is taken to the nearest fraction with a
-    denominator of at most 20 (0.9 = 9/10), which keeps torchaudio's filter short."""
-    from fractions import Fraction
+    with it and it lasts `1 / speed` as long. The ratio is `engine.config.speed_ratio(speed)`,
+    the nearest fraction with a small denominator (0.9 = 9/10), which keeps torchaudio's filter
+    short."""
+    from engine.config import speed_ratio
 
-    ratio = Fraction(speed).limit_denominator(20)
+    ratio = speed_ratio(speed)
     if ratio <= 0:
         raise ValueError(f"speed must be positive, not {speed}")
     if ratio == 1 or not samples.size:

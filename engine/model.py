@@ -272,25 +272,35 @@ class AlignedModel:
         and each clip's scored transcripts for the cascaded branch (`scored_hypotheses`).
 
         With `speech.speeds` beyond 1.0, Whisper also hears every clip played at those speeds
-        and each clip's list holds the n-best of every speed, the clip as it is first:
-        `combine_speech` then weighs them all together. Every view is encoded and decoded in
-        one call, so the views of a lone clip run side by side on Whisper's workers. A slowed
-        view of a clip near 30 s loses its end beyond Whisper's window.
+        and each clip's list holds the n-best of every speed, the clip as it is first;
+        `combine_speech` then weighs them all together. Each speed is encoded and decoded on
+        its own (the encoder has no padding mask, so encoding the clips beside their longer
+        slowed views would change their states), the speeds at once on their own threads, so
+        the views of a lone clip run side by side on Whisper's workers. Whether a clip holds
+        speech is decided on the clip as it is: where Whisper hears none there, the other
+        speeds are not used either. Each view is checked on its own for echoes of the prompt
+        (`Whisper.scored_hypotheses`). A slowed view of a clip near 30 s loses its end beyond
+        Whisper's window.
         """
+        from concurrent.futures import ThreadPoolExecutor
+
         from engine.media import at_speed
 
-        extra = self.config.speech.speeds[1:]
-        views = [*clips, *(at_speed(c, f) for f in extra for c in clips)]
-        encoded = self.whisper.encode(views)
-        heard = self.scored_hypotheses(encoded)
-        n = len(clips)
+        def hear(speed: float) -> tuple[EncodedSpeech, list[list[tuple]]]:
+            views = clips if speed == 1.0 else [at_speed(c, speed) for c in clips]
+            encoded = self.whisper.encode(views)
+            return encoded, self.scored_hypotheses(encoded)
+
+        speeds = self.config.speech.speeds
+        if len(speeds) == 1:
+            return hear(1.0)
+        with ThreadPoolExecutor(len(speeds), thread_name_prefix="xmodal-speed") as pool:
+            (encoded, heard), *others = list(pool.map(hear, speeds))
         pooled = [
-            [h for view in range(len(extra) + 1) for h in heard[view * n + i]] for i in range(n)
+            [*h, *(x for _, more in others for x in more[i])] if h else []
+            for i, h in enumerate(heard)
         ]
-        first = EncodedSpeech(
-            states=encoded.states[:n], lengths=encoded.lengths[:n], silent=encoded.silent[:n]
-        )
-        return first, pooled
+        return encoded, pooled
 
     def scored_hypotheses(self, encoded) -> list[list[tuple[str, float]]]:
         """(transcript, log-probability) pairs of `Whisper.encode` output with this bundle's

@@ -253,27 +253,53 @@ def test_speed_views_pool_the_n_best_of_every_speed(bundle, model, monkeypatch):
         model.heads, fingerprint="x",
     )  # fmt: skip
     plain.whisper = views.whisper = model.whisper  # share the loaded Whisper
-    clip = load_audio(FIXTURES / "dog_on_beach.wav")
-    calls = []
+    dog = load_audio(FIXTURES / "dog_on_beach.wav")
+    # over 9 s: its slowed view is longer than Whisper's shortest window, so the speeds must not
+    # share a call (the encoder has no padding mask)
+    clip = np.concatenate([dog, np.zeros(8 * SAMPLE_RATE, np.float32), dog])
     real = model.whisper.encode
+    alone, alone_heard = real([clip]), plain.scored_hypotheses(real([clip]))[0]
+    slowed = plain.scored_hypotheses(real([at_speed(clip, 0.9)]))[0]
+    calls = []
     monkeypatch.setattr(model.whisper, "encode", lambda c: calls.append(len(c)) or real(c))
     enc, heard = views.listen([clip])
-    assert calls == [2]  # both views of a lone clip in one call: side by side on the workers
-    assert enc.states.shape[0] == 1 and enc.lengths.tolist() == real([clip]).lengths.tolist()
-    # the slowed view is the longer clip, so the shared call does not change its frames
-    slowed = plain.scored_hypotheses(real([at_speed(clip, 0.9)]))[0]
-    assert len(slowed) > 1 and heard[0][-len(slowed) :] == slowed
-    assert "dog" in heard[0][0][0].lower() and len(heard[0]) == len(slowed) + 3
+    assert calls == [1, 1]  # one call per speed
+    np.testing.assert_array_equal(enc.states, alone.states)  # the parallel branch's input
+    assert len(alone_heard) > 1 and len(slowed) > 1 and heard == [alone_heard + slowed]
+    assert "beach" in heard[0][0][0].lower()
     # one softmax over all of them: the vector and transcript embed_speech gives
     out = views.embed_speech([clip], branch="cascaded")
     np.testing.assert_allclose(
         out.vectors, views.combine_speech(heard, None, None, "cascaded"), atol=1e-5
     )
-    assert out.transcripts == [heard[0][0][0]]  # the clip as it is: its most likely transcript
+    assert out.transcripts == [alone_heard[0][0]]  # the clip as it is: its most likely transcript
     assert not np.allclose(out.vectors, plain.embed_speech([clip], branch="cascaded").vectors)
     # silent, tiny and empty clips get every view too, and still finite vectors
+    calls.clear()
     quiet = views.embed_speech([np.zeros(n, np.float32) for n in (SAMPLE_RATE, 10, 0)])
-    assert quiet.transcripts == ["", "", ""] and np.all(np.isfinite(quiet.vectors))
+    assert calls == [3, 3] and quiet.transcripts == ["", "", ""]
+    assert np.all(np.isfinite(quiet.vectors))
+
+
+def test_speed_views_only_count_where_the_clip_as_it_is_holds_speech(bundle, model, monkeypatch):
+    import dataclasses
+
+    cfg = ModelConfig.load(bundle)
+    views = AlignedModel(
+        dataclasses.replace(cfg, speech=dataclasses.replace(cfg.speech, speeds=(1.0, 1.25))),
+        model.heads, fingerprint="x",
+    )  # fmt: skip
+    views.whisper = model.whisper
+    clips = [np.full(2 * SAMPLE_RATE, 0.1, np.float32), np.full(SAMPLE_RATE, 0.1, np.float32)]
+    # what a stand-in Whisper hears, by clip length: both views of the first clip hold speech;
+    # the second clip as it is holds none, its faster view a transcript all the same
+    said = {32000: [("a dog", -1.0)], 25600: [("a cat", -2.0)], 16000: [], 12800: [("a hat", -1.0)]}
+    monkeypatch.setattr(
+        views.whisper, "encode", lambda c: type("Enc", (), {"sizes": [len(x) for x in c]})()
+    )
+    monkeypatch.setattr(views, "scored_hypotheses", lambda enc: [said[n] for n in enc.sizes])
+    _, heard = views.listen(clips)
+    assert heard == [[("a dog", -1.0), ("a cat", -2.0)], []]
 
 
 def test_transcript_scores_are_log_probabilities(model):
