@@ -182,13 +182,14 @@ MODEL_HELP = ("model name or bundle path (default: 'default' if shipped, "
               "else an untrained bundle with the real towers)")  # fmt: skip
 
 
-def make_parser(doc: str) -> argparse.ArgumentParser:
+def make_parser(doc: str, *, model: bool = True) -> argparse.ArgumentParser:
     """A script's parser: its docstring's first paragraph as description, defaults shown,
-    and the `--model` option every model-using benchmark takes."""
+    and, with `model`, the `--model` option every model-using benchmark takes."""
     ap = argparse.ArgumentParser(
         description=doc.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    ap.add_argument("--model", help=MODEL_HELP)
+    if model:
+        ap.add_argument("--model", help=MODEL_HELP)
     return ap
 
 

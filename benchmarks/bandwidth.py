@@ -12,13 +12,12 @@ from cache across queries through BLAS, so a batch can beat the single-query flo
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from _common import append_results, percentiles, table, time_calls
+from _common import append_results, make_parser, percentiles, table, time_calls
 
 GB = 1e9  # bytes; bandwidth is quoted in decimal GB/s
 
@@ -71,9 +70,7 @@ def flat_search(n: int, dim: int, threads: int, n_single: int, n_batch: int) -> 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    ap = make_parser(__doc__, model=False)
     ap.add_argument("--n", type=int, default=1_000_000, help="vectors in the exact index")
     ap.add_argument("--dim", type=int, default=384, help="vector width")
     ap.add_argument("--array-gb", type=float, default=1.0, help="size of the bandwidth arrays")

@@ -18,11 +18,10 @@ Appends a table to benchmarks/RESULTS.md.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
-from _common import append_results, table  # benchmarks/ is this script's folder
+from _common import append_results, make_parser, table  # benchmarks/ is this script's folder
 from search_scale import make_data
 
 K = 10
@@ -39,9 +38,7 @@ def gaps(base: np.ndarray, queries: np.ndarray, chunk: int = 100) -> np.ndarray:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )  # no --model: it embeds nothing
+    ap = make_parser(__doc__, model=False)  # it embeds nothing
     ap.add_argument("--n", type=int, default=1_000_000, help="vectors in the base set")
     ap.add_argument("--dim", type=int, default=384, help="dimension (the model's: 384)")
     ap.add_argument("--queries", type=int, default=500, help="queries")

@@ -16,7 +16,6 @@ usual 1-recall@10, which is also printed as `R1@10`).
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import tempfile
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from _common import (
     append_results,
+    make_parser,
     percentiles,
     release_memory,
     rss_bytes,
@@ -375,9 +375,7 @@ def _verdict(row: Row | None, ok, *, within: float | None = None) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    ap = make_parser(__doc__, model=False)
     ap.add_argument(
         "--sizes",
         default="10000,100000",
