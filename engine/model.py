@@ -273,10 +273,10 @@ class AlignedModel:
 
         With `speech.speeds` beyond 1.0, Whisper also hears every clip played at those speeds
         and each clip's list holds the n-best of every speed, the clip as it is first;
-        `combine_speech` then weighs them all together. Each speed is encoded and decoded on
-        its own (the encoder has no padding mask, so encoding the clips beside their longer
-        slowed views would change their states), the speeds at once on their own threads, so
-        the views of a lone clip run side by side on Whisper's workers. Whether a clip holds
+        `combine_speech` then weighs them all together. Each speed is encoded and decoded in
+        calls of its own, the speeds at once on their own threads, so the views of a lone clip
+        run side by side on Whisper's workers (`Whisper.encode` gives every clip its own window,
+        so a view's states do not depend on the others). Whether a clip holds
         speech is decided on the clip as it is: where Whisper hears none there, the other
         speeds are not used either. Each view is checked on its own for echoes of the prompt
         (`Whisper.scored_hypotheses`). A slowed view of a clip near 30 s loses its end beyond

@@ -55,6 +55,12 @@ ADAPTED_PREFIX = "whisper-base-ct2-"  # + an adapter's fingerprint: a merged cop
 UNUSED_DAYS = 30  # a merged copy no bundle has loaded for this long goes when another is made
 
 
+def window_frames(frames: int) -> int:
+    """The mel frames Whisper's encoder reads for a clip of `frames`: rounded up to
+    `FRAME_STEP`, at least `MIN_FRAMES`, at most Whisper's 30 s."""
+    return min(WINDOW_FRAMES, max(MIN_FRAMES, FRAME_STEP * math.ceil(frames / FRAME_STEP)))
+
+
 def cache_root() -> Path:
     """Where prepared weights live: `$XMODAL_CACHE`, else `~/.cache/xmodal`."""
     return Path(os.environ.get("XMODAL_CACHE", Path.home() / ".cache" / "xmodal"))
@@ -256,6 +262,21 @@ class EncodedSpeech:
     states: np.ndarray  # (n, t, 512) float32, t = frames / 2 (20 ms per state)
     lengths: np.ndarray  # (n,) int, valid states per clip; the rest is padding
     silent: np.ndarray  # (n,) bool, clips below `SILENCE_RMS`
+    # (n,) int, states the encoder made for each clip (its own window); zeros follow them up to
+    # t. None: every clip has all t (states made elsewhere, e.g. a test's).
+    widths: np.ndarray | None = None
+
+    def clip_states(self, i: int) -> np.ndarray:
+        """Clip `i`'s `(1, width, 512)` states as the encoder made them, padding left out."""
+        width = self.states.shape[1] if self.widths is None else int(self.widths[i])
+        return np.ascontiguousarray(self.states[i : i + 1, :width])
+
+    def select(self, rows: Sequence[int]) -> EncodedSpeech:
+        """The same output for the clips at `rows` only."""
+        return EncodedSpeech(
+            states=self.states[rows], lengths=self.lengths[rows], silent=self.silent[rows],
+            widths=None if self.widths is None else self.widths[rows],
+        )  # fmt: skip
 
 
 class Whisper:
@@ -305,39 +326,48 @@ class Whisper:
     def log_mel(self, clips: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Clips of ≤ 30 s → `(n, 80, frames)` float32 log-mel and `(n,)` frames per clip.
 
-        Frames are cut to the longest clip rounded up to `FRAME_STEP`, at least `MIN_FRAMES`;
-        Whisper's encoder does not need the padded 30 s window, and fewer frames are faster.
-        """
+        Frames are cut to the longest clip's window (`window_frames`); each clip's own window
+        is `window_frames` of its frames."""
         clips = [np.asarray(c, dtype=np.float32)[: WINDOW_SECONDS * SAMPLE_RATE] for c in clips]
         clips = [c if c.size else np.zeros(HOP_LENGTH, np.float32) for c in clips]
         frames = np.array([max(1, math.ceil(len(c) / HOP_LENGTH)) for c in clips])
-        width = FRAME_STEP * math.ceil(frames.max() / FRAME_STEP)
-        width = min(WINDOW_FRAMES, max(MIN_FRAMES, width))
+        width = window_frames(int(frames.max()))
         mel = self.features(
             clips, sampling_rate=SAMPLE_RATE, return_tensors="np", padding="max_length"
         ).input_features
         return np.ascontiguousarray(mel[:, :, :width], dtype=np.float32), np.minimum(frames, width)
 
     def encode(self, clips: Sequence[np.ndarray]) -> EncodedSpeech:
-        """Encoder states for clips of ≤ 30 s (longer clips are cut; split them first)."""
+        """Encoder states for clips of ≤ 30 s (longer clips are cut; split them first).
+
+        Each clip is encoded in its own window (`window_frames`), so its states do not depend
+        on the clips beside it: Whisper's encoder has no padding mask, and padding a clip to a
+        longer batch-mate's window would change them."""
         import ctranslate2
 
         mel, frames = self.log_mel(clips)
-        parts = self._side_by_side(
-            lambda rows: np.asarray(
-                self.model.encode(ctranslate2.StorageView.from_array(mel[rows]), to_cpu=True),
+        windows = np.array([window_frames(int(f)) for f in frames])
+
+        def encode_one(rows: slice) -> np.ndarray:
+            x = np.ascontiguousarray(mel[rows, :, : windows[rows.start]])
+            return np.asarray(
+                self.model.encode(ctranslate2.StorageView.from_array(x), to_cpu=True),
                 dtype=np.float32,
-            ),
-            len(mel),
-        )
-        states = np.concatenate(parts) if len(parts) > 1 else parts[0]
-        lengths = np.minimum(np.ceil(frames / 2).astype(int), states.shape[1])
+            )
+
+        parts = self._side_by_side(encode_one, len(mel))
+        widths = np.array([p.shape[1] for p in parts])
+        states = np.zeros((len(parts), widths.max(), ENCODER_WIDTH), np.float32)
+        for i, part in enumerate(parts):
+            states[i, : widths[i]] = part[0]
+        lengths = np.minimum(np.ceil(frames / 2).astype(int), widths)
         silent = np.array([rms(c) < SILENCE_RMS for c in clips])
-        return EncodedSpeech(states=states, lengths=lengths, silent=silent)
+        return EncodedSpeech(states=states, lengths=lengths, silent=silent, widths=widths)
 
     @staticmethod
-    def _max_tokens(encoded: EncodedSpeech) -> int:
-        seconds = encoded.lengths.max() * 2 / FRAMES_PER_SECOND
+    def _max_tokens(length: int) -> int:
+        """New tokens a clip of `length` valid encoder states may be decoded to."""
+        seconds = length * 2 / FRAMES_PER_SECOND
         return int(min(224, len(PROMPT) + 10 + TOKENS_PER_SECOND * seconds))
 
     def transcribe(self, encoded: EncodedSpeech, *, beam_size: int = 1) -> list[str]:
@@ -390,10 +420,7 @@ class Whisper:
         echoes = set(_sentences(context))
         again = [i for i in range(n) if any(_echoes(t, echoes) for t, _ in out[i])]
         if again:
-            sub = EncodedSpeech(
-                states=encoded.states[again], lengths=encoded.lengths[again],
-                silent=encoded.silent[again],
-            )  # fmt: skip
+            sub = encoded.select(again)
             for i, r in zip(again, self._generate(sub, self.prompt, beam_size, count), strict=True):
                 out[i] = self._texts(r, False, 0.0)  # speech: decided by the gate above
         return out
@@ -402,23 +429,24 @@ class Whisper:
         self, encoded: EncodedSpeech, prompt: list[int], beam_size: int, count: int,
         max_length: int | None = None,
     ) -> list:  # fmt: skip
-        """CTranslate2's `generate` from `prompt` on every clip. `max_length` defaults to a
-        budget of new tokens that does not depend on the prompt's length (CTranslate2 lets a
-        decoding run to min(max_length / 2, max_length - len(prompt) + 1) tokens)."""
+        """CTranslate2's `generate` from `prompt` on every clip, each on its own states.
+        `max_length` defaults to a budget of new tokens that grows with the clip's length
+        (`_max_tokens`) and does not depend on the prompt's length (CTranslate2 lets a decoding
+        run to min(max_length / 2, max_length - len(prompt) + 1) tokens)."""
         import ctranslate2
 
-        if max_length is None:
-            budget = self._max_tokens(encoded)
-            max_length = min(MAX_DECODER_POSITIONS, max(budget, budget // 2 + len(prompt) - 1))
-
         def generate(rows: slice) -> list:
-            states = np.ascontiguousarray(encoded.states[rows])
+            i = rows.start
+            limit = max_length
+            if limit is None:
+                budget = self._max_tokens(int(encoded.lengths[i]))
+                limit = min(MAX_DECODER_POSITIONS, max(budget, budget // 2 + len(prompt) - 1))
             return self.model.generate(
-                ctranslate2.StorageView.from_array(states),
-                [prompt] * len(states),
+                ctranslate2.StorageView.from_array(encoded.clip_states(i)),
+                [prompt],
                 beam_size=beam_size,
                 num_hypotheses=count,
-                max_length=max_length,
+                max_length=limit,
                 return_no_speech_prob=True,
                 return_scores=True,
                 suppress_blank=True,

@@ -209,15 +209,45 @@ def test_whisper_runs_a_batch_clip_by_clip_side_by_side_with_the_same_results(mo
     assert [c[0] for c in calls1].count("encode") == [c[0] for c in calls3].count("encode") == 4
     assert {c[1] for c in calls1} == {threading.current_thread().name}
     assert all(c[1].startswith("xmodal-whisper") for c in calls3)
-    # the same states and transcripts as one call on the whole batch, in the batch's order
-    monkeypatch.setattr(whisper, "_side_by_side", lambda fn, n: [fn(slice(0, n))])
-    enc, heard, calls = run(3)
-    assert {c[2] for c in calls} == {4}
-    for got in (enc1, enc3):
-        np.testing.assert_allclose(got.states, enc.states, atol=1e-5)
-        np.testing.assert_array_equal(got.lengths, enc.lengths)
-    assert heard1 == heard3 == heard
-    assert "dog" in heard[0][0].lower() and heard[2] == [] and "dog" in heard[3][0].lower()
+    # the same states and transcripts either way, in the batch's order
+    np.testing.assert_allclose(enc1.states, enc3.states, atol=1e-5)
+    np.testing.assert_array_equal(enc1.lengths, enc3.lengths)
+    assert heard1 == heard3
+    assert "dog" in heard1[0][0].lower() and heard1[2] == [] and "dog" in heard1[3][0].lower()
+
+
+def test_a_clip_is_heard_the_same_whatever_clips_share_its_batch(model):
+    """Each clip is encoded in its own window and decoded to its own token budget: beside a
+    longer clip, a short one and one over Whisper's 10 s shortest window get the states and
+    transcripts they get alone (the encoder has no padding mask)."""
+    import engine.speech as sp
+
+    whisper = model.whisper
+    dog = load_audio(FIXTURES / "dog_on_beach.wav")
+    gap = np.zeros(8 * SAMPLE_RATE, np.float32)
+    medium = np.concatenate([dog, gap, dog])  # 12.6 s
+    long = np.concatenate([dog, gap, dog, gap])  # 20.6 s
+    clips = [dog, medium, long]
+    together = whisper.encode(clips)
+    heard = whisper.scored_hypotheses(together, beam_size=2, count=2, context=sp.CAPTION_PROMPT)
+    assert list(together.widths) == [500, 650, 1050]  # 10 s at least, else whole seconds (/ 2)
+    assert together.states.shape[1] == 1050
+    for i, clip in enumerate(clips):
+        alone = whisper.encode([clip])
+        assert alone.states.shape[1] == together.widths[i] == together.clip_states(i).shape[1]
+        np.testing.assert_allclose(together.clip_states(i), alone.states, atol=1e-5)
+        assert not together.states[i, together.widths[i] :].any()  # zeros after its own states
+        assert together.lengths[i] == alone.lengths[0]
+        expect = whisper.scored_hypotheses(alone, beam_size=2, count=2, context=sp.CAPTION_PROMPT)
+        assert [t for t, _ in heard[i]] == [t for t, _ in expect[0]]
+        np.testing.assert_allclose([s for _, s in heard[i]], [s for _, s in expect[0]], atol=1e-3)
+    assert "dog" in heard[0][0][0].lower()
+    # the parallel branch reads a clip's states up to its length, whatever padding follows
+    np.testing.assert_allclose(
+        model.embed_speech_states(together.states, together.lengths)[1],
+        model.embed_speech_states(whisper.encode([medium]).states, together.lengths[1:2])[0],
+        atol=1e-5,
+    )
 
 
 def test_cascaded_vector_averages_the_n_best(bundle, model, tmp_path):
@@ -254,8 +284,8 @@ def test_speed_views_pool_the_n_best_of_every_speed(bundle, model, monkeypatch):
     )  # fmt: skip
     plain.whisper = views.whisper = model.whisper  # share the loaded Whisper
     dog = load_audio(FIXTURES / "dog_on_beach.wav")
-    # over 9 s: its slowed view is longer than Whisper's shortest window, so the speeds must not
-    # share a call (the encoder has no padding mask)
+    # over 9 s: its slowed view is longer than Whisper's shortest window, and the clip's states
+    # must still be those of the clip alone (the encoder has no padding mask)
     clip = np.concatenate([dog, np.zeros(8 * SAMPLE_RATE, np.float32), dog])
     real = model.whisper.encode
     alone, alone_heard = real([clip]), plain.scored_hypotheses(real([clip]))[0]
@@ -355,7 +385,9 @@ def test_long_clip_is_windowed(model):
     clip = load_audio(FIXTURES / "dog_on_beach.wav")
     long = np.concatenate([clip, np.zeros(31 * SAMPLE_RATE, np.float32), clip])
     emb = model.embed_speech([long], branch="cascaded")
-    assert emb.transcripts[0].lower().count("dog") == 2
+    # both windows heard, one sentence each (Whisper base without an adapter hears the second,
+    # 3.3 s of silence and then the dog, in its own 10 s window as "the brown target")
+    assert emb.transcripts[0].lower().count("on the beach") == 2
     _unit_rows(emb.vectors, 1, model.dim)
 
 
@@ -443,6 +475,16 @@ def test_whisper_context_leaves_the_decoding_budget_alone(model, monkeypatch):
     whisper.hypotheses(enc, beam_size=2)
     whisper.hypotheses(enc, beam_size=2, context=sp.CAPTION_PROMPT)
     assert caps[0] == caps[2] > 10  # caps[1]: the one-step no-speech check
+    caps_alone = caps[0]
+    # each clip gets its own budget, not its longest batch-mate's
+    monkeypatch.setattr(whisper, "model", real)
+    dog = load_audio(FIXTURES / "dog_on_beach.wav")
+    pair = whisper.encode([dog, np.concatenate([dog, np.zeros(18 * SAMPLE_RATE, np.float32)])])
+    monkeypatch.setattr(whisper, "model", Spy())
+    monkeypatch.setattr(whisper, "workers", 1)  # calls in order
+    caps.clear()
+    whisper.hypotheses(pair, beam_size=2)
+    assert caps[0] == caps_alone < caps[1]
     long = " ".join(["A dog runs on the beach."] * 120)  # ~840 tokens
     assert "dog" in whisper.hypotheses(enc, beam_size=2, context=long)[0][0].lower()
 
