@@ -168,13 +168,7 @@ def rms(samples: np.ndarray) -> float:
 
 def resample(samples: np.ndarray, rate: int) -> np.ndarray:
     """`(samples,)` float32 at `rate` Hz → float32 at `SAMPLE_RATE`."""
-    if rate == SAMPLE_RATE:
-        return np.ascontiguousarray(samples, dtype=np.float32)
-    import torch
-    import torchaudio.functional as F
-
-    out = F.resample(torch.from_numpy(np.ascontiguousarray(samples)), rate, SAMPLE_RATE)
-    return out.numpy().astype(np.float32)
+    return _resample(samples, rate, SAMPLE_RATE)
 
 
 def at_speed(samples: np.ndarray, speed: float) -> np.ndarray:
@@ -187,13 +181,20 @@ def at_speed(samples: np.ndarray, speed: float) -> np.ndarray:
     ratio = speed_ratio(speed)
     if ratio <= 0:
         raise ValueError(f"speed must be positive, not {speed}")
-    if ratio == 1 or not samples.size:
+    if not samples.size:
+        return np.ascontiguousarray(samples, dtype=np.float32)
+    return _resample(samples, ratio.numerator, ratio.denominator)
+
+
+def _resample(samples: np.ndarray, orig: int, new: int) -> np.ndarray:
+    """float32 `samples` resampled by torchaudio from `orig` to `new` (a rate or a ratio)."""
+    if orig == new:
         return np.ascontiguousarray(samples, dtype=np.float32)
     import torch
     import torchaudio.functional as F
 
-    x = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32))
-    return F.resample(x, ratio.numerator, ratio.denominator).numpy().astype(np.float32)
+    out = F.resample(torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32)), orig, new)
+    return out.numpy().astype(np.float32)
 
 
 def load_text(path: str | Path, *, max_bytes: int = 10_000_000) -> str:

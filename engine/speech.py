@@ -262,20 +262,17 @@ class EncodedSpeech:
     states: np.ndarray  # (n, t, 512) float32, t = frames / 2 (20 ms per state)
     lengths: np.ndarray  # (n,) int, valid states per clip; the rest is padding
     silent: np.ndarray  # (n,) bool, clips below `SILENCE_RMS`
-    # (n,) int, states the encoder made for each clip (its own window); zeros follow them up to
-    # t. None: every clip has all t (states made elsewhere, e.g. a test's).
-    widths: np.ndarray | None = None
+    widths: np.ndarray  # (n,) int, states the encoder made for each clip; zeros follow them
 
     def clip_states(self, i: int) -> np.ndarray:
         """Clip `i`'s `(1, width, 512)` states as the encoder made them, padding left out."""
-        width = self.states.shape[1] if self.widths is None else int(self.widths[i])
-        return np.ascontiguousarray(self.states[i : i + 1, :width])
+        return np.ascontiguousarray(self.states[i : i + 1, : self.widths[i]])
 
     def select(self, rows: Sequence[int]) -> EncodedSpeech:
         """The same output for the clips at `rows` only."""
         return EncodedSpeech(
             states=self.states[rows], lengths=self.lengths[rows], silent=self.silent[rows],
-            widths=None if self.widths is None else self.widths[rows],
+            widths=self.widths[rows],
         )  # fmt: skip
 
 
