@@ -345,7 +345,13 @@ def hubness(
 @click.command("speech-corpus", context_settings=SETTINGS)
 @click.argument("manifest", type=MANIFEST)
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--seed", type=int, default=0, help="Seeds each row's voice, speed, pitch and noise.")
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    help="Seeds each row's voice, speed, pitch and noise, with the row's image path as "
+    "MANIFEST writes it and its caption.",
+)
 @click.option(
     "--voice",
     "voices",

@@ -7,7 +7,9 @@ noise at a random SNR (some clips stay clean). Clips are 16 kHz mono 16-bit WAVs
 `audio`, `voice`, `speed`, `pitch`, `snr_db` (paths relative to `OUT_DIR`).
 
 Every random choice of a row comes from an RNG seeded by `(seed, image, caption)`, so a rerun
-makes the same assignment, skips the clips already on disk and only voices the rest. A clip is
+makes the same assignment, skips the clips already on disk and only voices the rest. `image` is
+the path as the manifest writes it: the same captions in a manifest that names their photos
+otherwise (absolute instead of relative paths) draw other voices. A clip is
 written to a temporary file and renamed into place, so a killed run never leaves half a WAV.
 Captions reach the engines through a text file, never through a shell.
 """

@@ -120,6 +120,10 @@ def test_voice_assignment_is_seeded_per_row():
         sc.plan_clip(f"{n}.jpg", "a dog", seed=8, pool=pool, out_image="") for n in range(300)
     ]
     assert [c.voice for c in other_seed] != [c.voice for c in many]
+    # the image path is keyed as the manifest writes it (documented): another spelling, another draw
+    relative = sc.plan_clip("images/a.jpg", "a dog", seed=7, pool=pool, out_image="")
+    absolute = sc.plan_clip("/data/images/a.jpg", "a dog", seed=7, pool=pool, out_image="")
+    assert relative.noise_seed != absolute.noise_seed
 
 
 def test_select_rows_one_per_image_limit_and_duplicates():
